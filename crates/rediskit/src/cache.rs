@@ -1,0 +1,607 @@
+//! The typed cache (the original module's `CacheManager`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::client::Client;
+use crate::codec::{Codec, DecodeError};
+use crate::error::{Error, Result};
+use crate::keys;
+
+/// Named TTL tiers of the original module.
+pub mod ttl {
+    use std::time::Duration;
+
+    /// 5 minutes: real-time data.
+    pub const SHORT: Duration = Duration::from_secs(300);
+    /// 1 hour: business data.
+    pub const MEDIUM: Duration = Duration::from_secs(3600);
+    /// 24 hours: static content.
+    pub const LONG: Duration = Duration::from_secs(86_400);
+    /// What [`Cache::set`](crate::Cache::set) uses unless the cache was built with another
+    /// default: [`MEDIUM`].
+    pub const DEFAULT: Duration = MEDIUM;
+    /// Longest TTL accepted: 10 years. Longer is almost certainly a unit mistake.
+    pub const MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+}
+
+/// The namespace of [`Cache::new`].
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// How a [`Cache::try_get_or_set`] call got its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// Read from the cache.
+    Hit,
+    /// Computed by another caller in this process while this one waited for it.
+    Shared,
+    /// Computed by this call.
+    Miss,
+}
+
+/// A value and how it was obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lookup<T> {
+    /// The value.
+    pub value: T,
+    /// Where it came from.
+    pub status: CacheStatus,
+}
+
+/// Counters of one [`Cache`] since it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Reads that found a value.
+    pub hits: u64,
+    /// Reads that found nothing (corrupt values and soft errors included).
+    pub misses: u64,
+    /// Reads or writes that failed because Redis was unavailable.
+    pub errors: u64,
+    /// Stored values that did not decode and were deleted.
+    pub corrupt: u64,
+    /// Values written.
+    pub sets: u64,
+    /// Computations run by `get_or_set`.
+    pub computations: u64,
+}
+
+/// A typed, namespaced cache of serde values.
+///
+/// Keys are the caller's text (1 to 1024 bytes, no control characters) stored under
+/// `{key_prefix}cache:{namespace}:`. Values are JSON with a small header
+/// (see the `codec` module's docs), compressed when over 1 KiB.
+///
+/// Cloning is cheap (an [`Arc`]); clones share counters and in-flight computations.
+///
+/// # Behavior
+///
+/// - **Fail soft.** [`get`](Cache::get), [`get_many`](Cache::get_many) and
+///   [`get_or_set`](Cache::get_or_set) treat an unavailable Redis as a miss (counted in
+///   [`CacheStats::errors`], logged at most once a second), so a Redis outage slows an application
+///   down instead of breaking it. [`try_get`](Cache::try_get) and the writes report the error.
+/// - **Bad bytes are a miss.** A value that does not decode (written by another program,
+///   damaged, of an older format or another type) is logged, counted and deleted — only if it is
+///   still the same bytes, so a fresh value written meanwhile survives.
+/// - **One computation per cold key.** Concurrent [`get_or_set`](Cache::get_or_set) calls for
+///   one missing key in this process run `compute` once; the others wait and share its result. If
+///   the computing call fails or is cancelled, a waiting call takes over.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<CacheInner>,
+}
+
+struct CacheInner {
+    client: Client,
+    namespace: String,
+    /// `{key_prefix}cache:{namespace}:`
+    prefix: String,
+    default_ttl: Duration,
+    codec: Codec,
+    flights: Mutex<HashMap<String, (u64, watch::Receiver<Option<Flight>>)>>,
+    next_flight: AtomicU64,
+    counters: Counters,
+    last_warning: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    corrupt: AtomicU64,
+    sets: AtomicU64,
+    computations: AtomicU64,
+}
+
+/// The outcome a computing caller publishes to those waiting for it.
+#[derive(Clone)]
+enum Flight {
+    /// The encoded value.
+    Done(Arc<Vec<u8>>),
+    /// The computation failed; a waiter should try itself.
+    Failed,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("namespace", &self.inner.namespace)
+            .field("default_ttl", &self.inner.default_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Cache`]; see [`Cache::builder`].
+#[derive(Debug, Clone)]
+pub struct CacheBuilder {
+    client: Client,
+    namespace: String,
+    default_ttl: Duration,
+    codec: Codec,
+}
+
+impl CacheBuilder {
+    /// Namespace: 1 to 64 bytes of `A-Z a-z 0-9 _ - .`. Default: [`DEFAULT_NAMESPACE`].
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// TTL of [`Cache::set`] and [`Cache::set_many`]. Default: [`ttl::DEFAULT`] (1 hour).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// Values whose JSON is larger are compressed (lz4). Default: 1024 bytes.
+    pub fn compression_threshold(mut self, bytes: usize) -> Self {
+        self.codec.compression_threshold = bytes;
+        self
+    }
+
+    /// Largest value written or read, as JSON. Default: 64 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.codec.max_value_size = bytes;
+        self
+    }
+
+    /// Validates the settings and builds the cache.
+    pub fn build(self) -> Result<Cache> {
+        keys::check_namespace(&self.namespace).map_err(Error::invalid)?;
+        check_ttl(self.default_ttl)?;
+        let prefix = format!("{}cache:{}:", self.client.key_prefix(), self.namespace);
+        Ok(Cache {
+            inner: Arc::new(CacheInner {
+                client: self.client,
+                namespace: self.namespace,
+                prefix,
+                default_ttl: self.default_ttl,
+                codec: self.codec,
+                flights: Mutex::new(HashMap::new()),
+                next_flight: AtomicU64::new(0),
+                counters: Counters::default(),
+                last_warning: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl < Duration::from_millis(1) || ttl > ttl::MAX {
+        return Err(Error::invalid(format!(
+            "ttl must be between 1 ms and {} days, got {ttl:?}",
+            ttl::MAX.as_secs() / 86_400
+        )));
+    }
+    Ok(())
+}
+
+impl Cache {
+    /// The cache of namespace [`DEFAULT_NAMESPACE`] with the default settings.
+    pub fn new(client: &Client) -> Self {
+        Self::builder(client)
+            .build()
+            .expect("the default cache settings are valid")
+    }
+
+    /// A builder for a cache with its own namespace or settings.
+    pub fn builder(client: &Client) -> CacheBuilder {
+        CacheBuilder {
+            client: client.clone(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            default_ttl: ttl::DEFAULT,
+            codec: Codec::default(),
+        }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The Redis key under which `key` is stored (to inspect it with `redis-cli`).
+    pub fn redis_key(&self, key: &str) -> Result<String> {
+        keys::check_key(key).map_err(Error::invalid)?;
+        Ok(format!("{}{key}", self.inner.prefix))
+    }
+
+    /// Counters since this cache was built.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            sets: c.sets.load(Ordering::Relaxed),
+            computations: c.computations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The value under `key`, or `None` when it is missing, expired, undecodable — or when Redis
+    /// is unavailable (see [`try_get`](Cache::try_get) to tell that apart). Fails only on an
+    /// invalid key.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let redis_key = self.redis_key(key)?;
+        Ok(self.soft(self.read(&redis_key).await)?.flatten())
+    }
+
+    /// Like [`get`](Cache::get), but an unavailable Redis is an error rather than a miss.
+    pub async fn try_get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let redis_key = self.redis_key(key)?;
+        self.read(&redis_key).await.inspect_err(|err| {
+            if err.is_unavailable() {
+                self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// Stores `value` under `key` for the cache's default TTL (value and expiry in one command).
+    pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_with_ttl(key, value, self.inner.default_ttl).await
+    }
+
+    /// Stores `value` under `key` for `ttl` (value and expiry in one command).
+    pub async fn set_with_ttl<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let redis_key = self.redis_key(key)?;
+        check_ttl(ttl)?;
+        let bytes = self.inner.codec.encode(value)?;
+        self.write(&redis_key, &bytes, ttl).await
+    }
+
+    /// Deletes `key`; true if it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let redis_key = self.redis_key(key)?;
+        Ok(self.counted(self.inner.client.del(&[redis_key]).await)? > 0)
+    }
+
+    /// True if `key` holds a live value (whether or not it decodes).
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        let redis_key = self.redis_key(key)?;
+        self.counted(self.inner.client.exists(&redis_key).await)
+    }
+
+    /// Time left before `key` expires; `None` when it does not exist.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
+        let redis_key = self.redis_key(key)?;
+        self.counted(self.inner.client.ttl(&redis_key).await)
+    }
+
+    /// The values of several keys in one round trip, in order; fail-soft like
+    /// [`get`](Cache::get).
+    pub async fn get_many<T: DeserializeOwned>(
+        &self,
+        keys: &[impl AsRef<str>],
+    ) -> Result<Vec<Option<T>>> {
+        let redis_keys = keys
+            .iter()
+            .map(|key| self.redis_key(key.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(values) = self.soft(self.inner.client.mget(&redis_keys).await)? else {
+            return Ok(keys.iter().map(|_| None).collect());
+        };
+        let mut out = Vec::with_capacity(values.len());
+        for (redis_key, bytes) in redis_keys.iter().zip(values) {
+            out.push(self.decode_counted(redis_key, bytes).await);
+        }
+        Ok(out)
+    }
+
+    /// Stores several values with one TTL, atomically (all or none), in one round trip.
+    pub async fn set_many<T: Serialize>(
+        &self,
+        items: &[(impl AsRef<str>, T)],
+        ttl: Duration,
+    ) -> Result<()> {
+        check_ttl(ttl)?;
+        let encoded = items
+            .iter()
+            .map(|(key, value)| {
+                Ok((
+                    self.redis_key(key.as_ref())?,
+                    self.inner.codec.encode(value)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.counted(self.inner.client.mset(&encoded, ttl).await)?;
+        self.inner
+            .counters
+            .sets
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Streams the keys (without the namespace prefix) that start with the literal text
+    /// `prefix`, using `SCAN` (never `KEYS`). Glob characters in `prefix` match themselves.
+    /// An empty prefix lists the whole namespace.
+    pub fn keys(&self, prefix: &str) -> impl Stream<Item = Result<String>> + Send + 'static {
+        let pattern = format!(
+            "{}{}*",
+            keys::glob_escape(&self.inner.prefix),
+            keys::glob_escape(prefix)
+        );
+        self.scan(pattern)
+    }
+
+    /// Streams the keys (without the namespace prefix) matching the Redis glob `pattern`
+    /// (`*`, `?`, `[...]`, `\x`), within this namespace only, using `SCAN`.
+    pub fn keys_matching(
+        &self,
+        pattern: &str,
+    ) -> impl Stream<Item = Result<String>> + Send + 'static {
+        let pattern = format!("{}{pattern}", keys::glob_escape(&self.inner.prefix));
+        self.scan(pattern)
+    }
+
+    fn scan(&self, pattern: String) -> impl Stream<Item = Result<String>> + Send + 'static {
+        let prefix_len = self.inner.prefix.len();
+        self.inner.client.scan(pattern).map(move |key| {
+            key.map(|mut key| {
+                key.drain(..prefix_len.min(key.len()));
+                key
+            })
+        })
+    }
+
+    /// The value under `key`, or the result of `compute`, stored for `ttl`.
+    ///
+    /// Concurrent calls for the same missing key in this process run `compute` once. With Redis
+    /// unavailable it still returns the computed value (and does not store it). Fails only on an
+    /// invalid key or TTL, or a value that does not serialize.
+    pub async fn get_or_set<T, F, Fut>(&self, key: &str, ttl: Duration, compute: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.try_get_or_set(key, ttl, || async { Ok::<T, Error>(compute().await) })
+            .await
+            .map(|lookup| lookup.value)
+    }
+
+    /// [`get_or_set`](Cache::get_or_set) with a fallible `compute`, telling how the value was
+    /// obtained. A failed computation is not cached; its error is returned to the caller that
+    /// ran it, and one waiting caller (if any) takes over.
+    pub async fn try_get_or_set<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        compute: F,
+    ) -> Result<Lookup<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let redis_key = self.redis_key(key)?;
+        check_ttl(ttl)?;
+        if let Some(value) = self.soft(self.read(&redis_key).await)?.flatten() {
+            return Ok(Lookup {
+                value,
+                status: CacheStatus::Hit,
+            });
+        }
+        let flight = loop {
+            match self.join_flight(&redis_key) {
+                Joined::Leader(flight) => break flight,
+                Joined::Waiter(mut rx) => {
+                    let outcome = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|s| s.clone());
+                    if let Some(Flight::Done(bytes)) = outcome
+                        && let Ok(value) = self.inner.codec.decode(&bytes)
+                    {
+                        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Lookup {
+                            value,
+                            status: CacheStatus::Shared,
+                        });
+                    }
+                    // The computing caller failed or was cancelled: try again, maybe as leader.
+                }
+            }
+        };
+        // Another process (or a caller that finished just before we joined) may have stored it.
+        if let Some(value) = self.soft(self.read(&redis_key).await)?.flatten() {
+            if let Ok(bytes) = self.inner.codec.encode(&value) {
+                flight.publish(Flight::Done(Arc::new(bytes)));
+            }
+            return Ok(Lookup {
+                value,
+                status: CacheStatus::Hit,
+            });
+        }
+        self.inner
+            .counters
+            .computations
+            .fetch_add(1, Ordering::Relaxed);
+        let value = compute().await?;
+        let bytes = self.inner.codec.encode(&value)?;
+        // A failed store is not the caller's problem: the value is good, only not cached.
+        let _ = self.soft(self.write(&redis_key, &bytes, ttl).await);
+        flight.publish(Flight::Done(Arc::new(bytes)));
+        Ok(Lookup {
+            value,
+            status: CacheStatus::Miss,
+        })
+    }
+
+    fn join_flight(&self, redis_key: &str) -> Joined<'_> {
+        let mut flights = self
+            .inner
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, rx)) = flights.get(redis_key) {
+            return Joined::Waiter(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+        flights.insert(redis_key.to_owned(), (id, rx));
+        Joined::Leader(FlightGuard {
+            cache: &self.inner,
+            key: redis_key.to_owned(),
+            id,
+            tx,
+        })
+    }
+
+    /// GET and decode, counting hits and misses; errors are returned for the caller to soften.
+    async fn read<T: DeserializeOwned>(&self, redis_key: &str) -> Result<Option<T>> {
+        let bytes = self.inner.client.get(redis_key).await?;
+        Ok(self.decode_counted(redis_key, bytes).await)
+    }
+
+    async fn decode_counted<T: DeserializeOwned>(
+        &self,
+        redis_key: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> Option<T> {
+        let counters = &self.inner.counters;
+        let Some(bytes) = bytes else {
+            counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        match self.inner.codec.decode(&bytes) {
+            Ok(value) => {
+                counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(value)
+            }
+            Err(err) => {
+                counters.misses.fetch_add(1, Ordering::Relaxed);
+                counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.discard(redis_key, &bytes, &err).await;
+                None
+            }
+        }
+    }
+
+    async fn discard(&self, redis_key: &str, bytes: &[u8], why: &DecodeError) {
+        let deleted = self.inner.client.del_if_equals(redis_key, bytes).await;
+        tracing::warn!(
+            key = redis_key,
+            len = bytes.len(),
+            error = %why,
+            deleted = deleted.as_ref().is_ok_and(|d| *d),
+            "undecodable cache value treated as a miss"
+        );
+    }
+
+    async fn write(&self, redis_key: &str, bytes: &[u8], ttl: Duration) -> Result<()> {
+        self.counted(self.inner.client.set(redis_key, bytes, ttl).await)?;
+        self.inner.counters.sets.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts an unavailability error and passes the result on.
+    fn counted<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(err) = &result
+            && err.is_unavailable()
+        {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Turns unavailability into `Ok(None)` (counted, logged at most once a second); other errors
+    /// pass through.
+    fn soft<T>(&self, result: Result<T>) -> Result<Option<T>> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(err) if err.is_unavailable() => {
+                self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.warn_throttled(&err);
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn warn_throttled(&self, err: &Error) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let last = self.inner.last_warning.swap(now, Ordering::Relaxed);
+        if last != now {
+            tracing::warn!(error = %err, namespace = %self.inner.namespace,
+                "cache degraded to misses: redis unavailable");
+        }
+    }
+}
+
+enum Joined<'a> {
+    Leader(FlightGuard<'a>),
+    Waiter(watch::Receiver<Option<Flight>>),
+}
+
+/// Held by the caller computing a key. Dropping it — after publishing, or on failure or
+/// cancellation — removes the flight, and waiters that got no value retry.
+struct FlightGuard<'a> {
+    cache: &'a CacheInner,
+    key: String,
+    id: u64,
+    tx: watch::Sender<Option<Flight>>,
+}
+
+impl FlightGuard<'_> {
+    fn publish(&self, flight: Flight) {
+        self.tx.send_replace(Some(flight));
+    }
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.tx.borrow().is_none() {
+            self.tx.send_replace(Some(Flight::Failed));
+        }
+        let mut flights = self
+            .cache
+            .flights
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if flights.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            flights.remove(&self.key);
+        }
+    }
+}

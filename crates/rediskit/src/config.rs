@@ -1,0 +1,669 @@
+//! Configuration: where Redis is, how long to wait for it, how many connections to keep.
+//!
+//! Build it from the environment with [`Config::from_env`] (the variables of the original
+//! module, plus `REDIS_URL`), or in code with [`Config::builder`]. Both validate: a bad value is an
+//! [`ErrorKind::Config`](crate::ErrorKind::Config) error whose message names the variable or field
+//! and says what is wrong with it.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Redis URL used in development when nothing else is configured.
+pub const DEFAULT_DEV_URL: &str = "redis://localhost:6379/0";
+/// Host used in production when neither `REDIS_URL` nor `REDIS_HOST` is set: the docker-compose
+/// service name.
+pub const DEFAULT_PRODUCTION_HOST: &str = "redis";
+/// Host used in development when `DEV_REDIS_HOST` is not set.
+pub const DEFAULT_DEV_HOST: &str = "localhost";
+/// Redis port when none is given.
+pub const DEFAULT_PORT: u16 = 6379;
+/// Number of connections the handle keeps open.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20;
+/// Deadline for establishing one connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Deadline for one command, from send to reply.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// Interval of the background `PING` that keeps idle connections honest.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Prefix of every key rediskit writes, so it can share a database with other users.
+pub const DEFAULT_KEY_PREFIX: &str = "rk:";
+
+/// Upper bound of [`Config::max_connections`].
+pub const MAX_CONNECTIONS_LIMIT: usize = 1024;
+/// Upper bound of the timeouts, so a typo cannot make a call wait for hours.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Which set of variables [`Config::from_env`] reads, and how strict it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Environment {
+    /// Local work: `DEV_REDIS_*` variables, `localhost` by default.
+    #[default]
+    Development,
+    /// Deployed: `REDIS_*` variables, the docker service name `redis` by default, and no
+    /// fallback to the embedded backend.
+    Production,
+}
+
+impl Environment {
+    /// `true` for [`Environment::Production`].
+    pub fn is_production(self) -> bool {
+        self == Environment::Production
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "development" | "dev" => Some(Environment::Development),
+            "production" | "prod" => Some(Environment::Production),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        })
+    }
+}
+
+/// A secret string (a password). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Keep it out of logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(set)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Self::new(value)
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self::new(value)
+    }
+}
+
+/// Everything [`Client::connect`](crate::Client::connect) needs.
+///
+/// Fields are public to read and to adjust; [`Config::validate`] (called by `connect`) checks them.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Development or production. Default: [`Environment::Development`].
+    pub environment: Environment,
+    /// Where Redis is: `redis://[user[:password]@]host[:port][/db]`, `rediss://...` for TLS,
+    /// `redis+unix:///path`, or `memory://` for the embedded in-process backend.
+    /// Default: [`DEFAULT_DEV_URL`].
+    pub url: String,
+    /// ACL user name, when not in the URL. Default: none.
+    pub username: Option<String>,
+    /// Password, when not in the URL; takes precedence over one in the URL. Default: none.
+    pub password: Option<Secret>,
+    /// Connections kept open to Redis. Each is multiplexed: any number of concurrent calls share
+    /// them, so a burst queues instead of failing. Default: [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Deadline for establishing a connection. Default: [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// Deadline for every command. Default: [`DEFAULT_COMMAND_TIMEOUT`].
+    pub command_timeout: Duration,
+    /// Interval of the background health `PING`; zero disables it.
+    /// Default: [`DEFAULT_HEALTH_CHECK_INTERVAL`].
+    pub health_check_interval: Duration,
+    /// Prefix of every key rediskit writes. Default: [`DEFAULT_KEY_PREFIX`].
+    pub key_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            environment: Environment::Development,
+            url: DEFAULT_DEV_URL.to_owned(),
+            username: None,
+            password: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("environment", &self.environment)
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("health_check_interval", &self.health_check_interval)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// The URL with any password replaced by `***`, safe to log.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let redacted = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None if userinfo.is_empty() => String::new(),
+        // `redis://secret@host` carries a password without a user name.
+        None => "***".to_owned(),
+    };
+    format!("{}://{}@{}", &url[..scheme_end], redacted, &rest[at + 1..])
+}
+
+/// The kind of server a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    Redis,
+    Memory,
+}
+
+impl Config {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// Reads the process environment. See [`Config::from_lookup`] for the variables.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup` (a variable name to its value), so tests and other
+    /// sources need not touch the process environment.
+    ///
+    /// | variable | meaning | default |
+    /// |---|---|---|
+    /// | `ENVIRONMENT` | `development` or `production` | `development` |
+    /// | `REDIS_URL` | full URL; wins over host/port/db | built from the next rows |
+    /// | `REDIS_HOST`, `REDIS_PORT`, `REDIS_DB` | production server | `redis`, 6379, 0 |
+    /// | `DEV_REDIS_HOST`, `DEV_REDIS_PORT`, `DEV_REDIS_DB` | development server | `localhost`, 6379, 0 |
+    /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | ACL credentials | none |
+    /// | `REDIS_MAX_CONNECTIONS` | connections kept open | 20 |
+    /// | `REDIS_CONNECT_TIMEOUT_MS` | connect deadline | 1000 |
+    /// | `REDIS_COMMAND_TIMEOUT_MS` | per-command deadline | 500 |
+    /// | `REDIS_HEALTH_CHECK_INTERVAL_SECS` | background PING interval, 0 = off | 30 |
+    /// | `REDIS_KEY_PREFIX` | prefix of every key | `rk:` |
+    ///
+    /// Empty variables count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let mut config = Config::default();
+
+        if let Some(value) = get("ENVIRONMENT") {
+            config.environment = Environment::parse(&value).ok_or_else(|| {
+                Error::config(format!(
+                    "ENVIRONMENT: expected `development` or `production`, got `{value}`"
+                ))
+            })?;
+        }
+
+        for name in ["REDIS_CLUSTER_NODES", "REDIS_SENTINEL_NODES"] {
+            if get(name).is_some() {
+                return Err(Error::config(format!(
+                    "{name} is set, but this version of rediskit does not support Redis Cluster \
+                     or Sentinel yet; unset it and point REDIS_URL at a standalone server"
+                )));
+            }
+        }
+
+        config.url = match get("REDIS_URL") {
+            Some(url) => {
+                check_url(&url).map_err(|why| Error::config(format!("REDIS_URL: {why}")))?;
+                url.trim().to_owned()
+            }
+            None => {
+                let (prefix, default_host) = if config.environment.is_production() {
+                    ("REDIS_", DEFAULT_PRODUCTION_HOST)
+                } else {
+                    ("DEV_REDIS_", DEFAULT_DEV_HOST)
+                };
+                let host_var = format!("{prefix}HOST");
+                let host = get(&host_var).unwrap_or_else(|| default_host.to_owned());
+                let host = check_host(host.trim())
+                    .map_err(|why| Error::config(format!("{host_var}: {why}")))?;
+                let port_var = format!("{prefix}PORT");
+                let port = match get(&port_var) {
+                    Some(text) => parse_number::<u16>(&port_var, &text, 1, u16::MAX as u64)?,
+                    None => DEFAULT_PORT,
+                };
+                let db_var = format!("{prefix}DB");
+                let db = match get(&db_var) {
+                    Some(text) => parse_number::<u32>(&db_var, &text, 0, 1 << 20)?,
+                    None => 0,
+                };
+                format!("redis://{host}:{port}/{db}")
+            }
+        };
+
+        config.username = get("REDIS_USERNAME");
+        config.password = get("REDIS_PASSWORD").map(Secret::new);
+        if let Some(text) = get("REDIS_MAX_CONNECTIONS") {
+            config.max_connections = parse_number(
+                "REDIS_MAX_CONNECTIONS",
+                &text,
+                1,
+                MAX_CONNECTIONS_LIMIT as u64,
+            )?;
+        }
+        if let Some(text) = get("REDIS_CONNECT_TIMEOUT_MS") {
+            config.connect_timeout = Duration::from_millis(parse_number(
+                "REDIS_CONNECT_TIMEOUT_MS",
+                &text,
+                1,
+                MAX_TIMEOUT.as_millis() as u64,
+            )?);
+        }
+        if let Some(text) = get("REDIS_COMMAND_TIMEOUT_MS") {
+            config.command_timeout = Duration::from_millis(parse_number(
+                "REDIS_COMMAND_TIMEOUT_MS",
+                &text,
+                1,
+                MAX_TIMEOUT.as_millis() as u64,
+            )?);
+        }
+        if let Some(text) = get("REDIS_HEALTH_CHECK_INTERVAL_SECS") {
+            config.health_check_interval = Duration::from_secs(parse_number(
+                "REDIS_HEALTH_CHECK_INTERVAL_SECS",
+                &text,
+                0,
+                86_400,
+            )?);
+        }
+        if let Some(prefix) = lookup("REDIS_KEY_PREFIX") {
+            config.key_prefix = prefix;
+        }
+        config
+            .validate()
+            .map_err(|err| Error::config(format!("{} (from the environment)", err.message())))?;
+        Ok(config)
+    }
+
+    /// Checks every field; the error names the field and what is wrong with it.
+    pub fn validate(&self) -> Result<()> {
+        check_url(&self.url).map_err(|why| Error::config(format!("url: {why}")))?;
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
+            return Err(Error::config(format!(
+                "max_connections: must be between 1 and {MAX_CONNECTIONS_LIMIT}, got {}",
+                self.max_connections
+            )));
+        }
+        for (name, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+        ] {
+            if value.is_zero() || value > MAX_TIMEOUT {
+                return Err(Error::config(format!(
+                    "{name}: must be between 1 ms and {} s, got {value:?}",
+                    MAX_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        crate::keys::check_prefix(&self.key_prefix)
+            .map_err(|why| Error::config(format!("key_prefix: {why}")))?;
+        if let Some(username) = &self.username
+            && (username.is_empty()
+                || username
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::config(
+                "username: must be non-empty, without spaces or control characters",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn scheme(&self) -> Scheme {
+        if self.url.trim().starts_with("memory://") {
+            Scheme::Memory
+        } else {
+            Scheme::Redis
+        }
+    }
+
+    /// The connection details for the redis crate, credentials applied.
+    pub(crate) fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo;
+        let info = self.url.trim().into_connection_info().map_err(|err| {
+            Error::config(format!("url `{}`: {err}", redact_url(&self.url))).with_source(err)
+        })?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username.clone());
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password.expose().to_owned());
+        }
+        Ok(info.set_redis_settings(settings))
+    }
+}
+
+fn check_url(url: &str) -> std::result::Result<(), String> {
+    let url = url.trim();
+    if url == "memory://" || url.starts_with("memory://") {
+        return if url == "memory://" {
+            Ok(())
+        } else {
+            Err("`memory://` takes no host or path".to_owned())
+        };
+    }
+    let scheme = url.split("://").next().unwrap_or_default();
+    match scheme {
+        "redis" | "redis+unix" | "unix" => {}
+        "rediss" => {
+            if !cfg!(feature = "tls") {
+                return Err(
+                    "`rediss://` needs rediskit's `tls` feature, which this build lacks".to_owned(),
+                );
+            }
+        }
+        _ if !url.contains("://") => {
+            return Err(format!(
+                "`{}` is not a URL; expected redis://host:port/db, rediss://... or memory://",
+                redact_url(url)
+            ));
+        }
+        other => {
+            return Err(format!(
+                "unsupported scheme `{other}`; expected redis, rediss, redis+unix or memory"
+            ));
+        }
+    }
+    use redis::IntoConnectionInfo;
+    url.into_connection_info()
+        .map(|_| ())
+        .map_err(|err| format!("`{}` is not a valid Redis URL: {err}", redact_url(url)))
+}
+
+fn check_host(host: &str) -> std::result::Result<String, String> {
+    if host.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@' | '?' | '#'))
+    {
+        return Err(format!("`{host}` is not a host name or address"));
+    }
+    // A bare IPv6 address needs brackets inside a URL.
+    if host.contains(':') && !host.starts_with('[') {
+        return Ok(format!("[{host}]"));
+    }
+    Ok(host.to_owned())
+}
+
+fn parse_number<T: TryFrom<u64>>(name: &str, text: &str, min: u64, max: u64) -> Result<T> {
+    let trimmed = text.trim();
+    let bad = || {
+        Error::config(format!(
+            "{name}: expected a whole number between {min} and {max}, got `{trimmed}`"
+        ))
+    };
+    let value: u64 = trimmed.parse().map_err(|_| bad())?;
+    if !(min..=max).contains(&value) {
+        return Err(bad());
+    }
+    T::try_from(value).map_err(|_| bad())
+}
+
+/// Builds a [`Config`] in code; [`ConfigBuilder::build`] validates it.
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+impl ConfigBuilder {
+    /// See [`Config::environment`].
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.config.environment = environment;
+        self
+    }
+
+    /// See [`Config::url`].
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.config.url = url.into();
+        self
+    }
+
+    /// See [`Config::username`].
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.config.username = Some(username.into());
+        self
+    }
+
+    /// See [`Config::password`].
+    pub fn password(mut self, password: impl Into<Secret>) -> Self {
+        self.config.password = Some(password.into());
+        self
+    }
+
+    /// See [`Config::max_connections`].
+    pub fn max_connections(mut self, max_connections: usize) -> Self {
+        self.config.max_connections = max_connections;
+        self
+    }
+
+    /// See [`Config::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// See [`Config::command_timeout`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.config.command_timeout = timeout;
+        self
+    }
+
+    /// See [`Config::health_check_interval`].
+    pub fn health_check_interval(mut self, interval: Duration) -> Self {
+        self.config.health_check_interval = interval;
+        self
+    }
+
+    /// See [`Config::key_prefix`].
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<Config> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    /// With nothing set, development talks to localhost with the documented defaults.
+    #[test]
+    fn defaults_match_the_design() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.environment, Environment::Development);
+        assert_eq!(config.url, "redis://localhost:6379/0");
+        assert_eq!(config.max_connections, 20);
+        assert_eq!(config.connect_timeout, Duration::from_secs(1));
+        assert_eq!(config.command_timeout, Duration::from_millis(500));
+        assert_eq!(config.health_check_interval, Duration::from_secs(30));
+        assert_eq!(config, Config::default());
+    }
+
+    /// Production reads `REDIS_*` (defaulting to the docker service name); development reads
+    /// `DEV_REDIS_*` and ignores the production variables.
+    #[test]
+    fn environment_selects_the_variable_set() {
+        let prod = from(&[("ENVIRONMENT", "production"), ("DEV_REDIS_HOST", "ignored")]).unwrap();
+        assert_eq!(prod.url, "redis://redis:6379/0");
+        let prod = from(&[
+            ("ENVIRONMENT", "Production"),
+            ("REDIS_HOST", "cache.internal"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+        ])
+        .unwrap();
+        assert_eq!(prod.url, "redis://cache.internal:6380/2");
+        let dev = from(&[
+            ("REDIS_HOST", "ignored"),
+            ("DEV_REDIS_HOST", "::1"),
+            ("DEV_REDIS_PORT", "7000"),
+            ("DEV_REDIS_DB", "3"),
+        ])
+        .unwrap();
+        assert_eq!(dev.url, "redis://[::1]:7000/3");
+    }
+
+    /// `REDIS_URL` wins over host/port/db.
+    #[test]
+    fn redis_url_wins() {
+        let config = from(&[
+            ("REDIS_URL", "redis://other:1234/5"),
+            ("DEV_REDIS_HOST", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(config.url, "redis://other:1234/5");
+        assert_eq!(
+            from(&[("REDIS_URL", "memory://")]).unwrap().url,
+            "memory://"
+        );
+    }
+
+    /// Every bad value names its variable and says what is wrong.
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("ENVIRONMENT", "staging")], "ENVIRONMENT"),
+            (&[("DEV_REDIS_PORT", "70000")], "DEV_REDIS_PORT"),
+            (&[("DEV_REDIS_PORT", "abc")], "DEV_REDIS_PORT"),
+            (
+                &[("ENVIRONMENT", "production"), ("REDIS_PORT", "0")],
+                "REDIS_PORT",
+            ),
+            (&[("DEV_REDIS_DB", "-1")], "DEV_REDIS_DB"),
+            (&[("DEV_REDIS_HOST", "a b")], "DEV_REDIS_HOST"),
+            (&[("REDIS_MAX_CONNECTIONS", "0")], "REDIS_MAX_CONNECTIONS"),
+            (
+                &[("REDIS_COMMAND_TIMEOUT_MS", "1.5")],
+                "REDIS_COMMAND_TIMEOUT_MS",
+            ),
+            (
+                &[("REDIS_CONNECT_TIMEOUT_MS", "0")],
+                "REDIS_CONNECT_TIMEOUT_MS",
+            ),
+            (
+                &[("REDIS_HEALTH_CHECK_INTERVAL_SECS", "x")],
+                "REDIS_HEALTH_CHECK_INTERVAL_SECS",
+            ),
+            (&[("REDIS_URL", "http://example.com")], "REDIS_URL"),
+            (&[("REDIS_URL", "localhost:6379")], "REDIS_URL"),
+            (&[("REDIS_CLUSTER_NODES", "a:1,b:2")], "REDIS_CLUSTER_NODES"),
+            (&[("REDIS_KEY_PREFIX", "has space")], "key_prefix"),
+        ];
+        for (vars, name) in cases {
+            let err = from(vars).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config);
+            assert!(
+                err.message().contains(name),
+                "error for {vars:?} should name {name}: {err}"
+            );
+        }
+    }
+
+    /// The password never shows in `Debug`, whether it came from a variable or the URL.
+    #[test]
+    fn password_is_redacted() {
+        let config = from(&[
+            ("REDIS_URL", "redis://app:hunter2@db:6379/0"),
+            ("REDIS_PASSWORD", "s3cr3t-pw"),
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("redis://app:***@db:6379/0"), "{shown}");
+        assert_eq!(redact_url("redis://:pw@h/0"), "redis://:***@h/0");
+        assert_eq!(redact_url("redis://pw@h/0"), "redis://***@h/0");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+    }
+
+    /// Credentials from variables are applied to the connection.
+    #[test]
+    fn credentials_reach_the_connection() {
+        let config = from(&[
+            ("REDIS_URL", "redis://db:6379/0"),
+            ("REDIS_USERNAME", "app"),
+            ("REDIS_PASSWORD", "pw"),
+        ])
+        .unwrap();
+        let info = config.connection_info().unwrap();
+        assert_eq!(info.redis_settings().username(), Some("app"));
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+    }
+
+    /// The builder validates what it builds.
+    #[test]
+    fn builder_validates() {
+        let err = Config::builder()
+            .command_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
+        assert!(err.message().contains("command_timeout"), "{err}");
+        let config = Config::builder()
+            .url("memory://")
+            .max_connections(4)
+            .build()
+            .unwrap();
+        assert_eq!(config.max_connections, 4);
+    }
+}

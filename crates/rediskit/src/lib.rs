@@ -1,0 +1,86 @@
+//! # rediskit
+//!
+//! The Redis layer every web back end otherwise writes by hand: one managed connection, a typed
+//! cache, health and figures — correct under concurrency, fast, and honest when Redis is down.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use rediskit::{Cache, Client, Config, ttl};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Metrics { visitors: u64 }
+//!
+//! # async fn run() -> rediskit::Result<()> {
+//! // REDIS_URL, or REDIS_HOST/PORT/DB in production, DEV_REDIS_* in development.
+//! let client = Client::connect(Config::from_env()?).await?;
+//! let cache = Cache::new(&client);
+//!
+//! cache.set_with_ttl("metrics:7d", &Metrics { visitors: 42 }, ttl::SHORT).await?;
+//! let hit: Option<Metrics> = cache.get("metrics:7d").await?;
+//!
+//! // Cache-aside: concurrent callers of a cold key compute it once.
+//! let metrics = cache
+//!     .get_or_set("metrics:30d", ttl::MEDIUM, || async { Metrics { visitors: 1234 } })
+//!     .await?;
+//!
+//! println!("{}", client.health().await.ok);
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Without a Redis at hand, `memory://` gives the same API in-process:
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use rediskit::{Cache, Client, Config};
+//!
+//! let client = Client::connect(Config::builder().url("memory://").build()?).await?;
+//! let cache = Cache::new(&client);
+//! cache.set("greeting", "hello").await?;
+//! assert_eq!(cache.get::<String>("greeting").await?.as_deref(), Some("hello"));
+//! # Ok::<(), rediskit::Error>(()) }).unwrap();
+//! ```
+//!
+//! ## Layout
+//!
+//! - `config` — [`Config`]: from the environment or a builder, validated.
+//! - `error` — [`Error`] with a matchable [`ErrorKind`].
+//! - `client` — [`Client`]: the connection handle (connect, deadlines, reconnect, health, close).
+//! - `codec` — the stored value format: header, JSON, lz4 over a threshold.
+//! - `keys` — key rules and escaping (SCAN patterns, hash tags).
+//! - `cache` — [`Cache`]: typed get/set, batches, SCAN listing, `get_or_set` with single flight.
+//! - `memory` — the embedded `memory://` backend.
+//! - `scripts` — server-side Lua, run by SHA.
+
+mod cache;
+mod client;
+mod codec;
+mod config;
+mod error;
+mod keys;
+mod memory;
+mod scripts;
+
+#[doc(inline)]
+pub use cache::{Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_NAMESPACE, Lookup, ttl};
+#[doc(inline)]
+pub use client::{BackendKind, Client, ClientStats, Health, PoolStats};
+#[doc(inline)]
+pub use codec::{DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_MAX_VALUE_SIZE, DecodeError};
+#[doc(inline)]
+pub use config::{Config, ConfigBuilder, Environment, Secret, redact_url};
+#[doc(inline)]
+pub use error::{Error, ErrorKind, Result};
+#[doc(inline)]
+pub use keys::{MAX_KEY_LEN, MAX_NAME_LEN};
+
+/// Defaults of [`Config`], as constants.
+pub mod defaults {
+    pub use crate::config::{
+        DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEV_HOST, DEFAULT_DEV_URL,
+        DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_KEY_PREFIX, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT,
+        DEFAULT_PRODUCTION_HOST, MAX_CONNECTIONS_LIMIT, MAX_TIMEOUT,
+    };
+}

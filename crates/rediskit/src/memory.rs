@@ -1,0 +1,295 @@
+//! The embedded backend behind `memory://`: the same operations as Redis, in this process.
+//!
+//! It exists for development and single-process use (tests of an application, a demo without
+//! Redis). Nothing is shared between processes and nothing survives a restart. Expiry is honoured
+//! on every read; expired entries are also swept out periodically so memory stays bounded by the
+//! live data.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Writes between two sweeps of expired entries.
+const SWEEP_EVERY: u64 = 1024;
+
+#[derive(Debug)]
+struct Entry {
+    value: Vec<u8>,
+    expires_at: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+/// The store. A std mutex, not a tokio one: no critical section awaits, and each is a few
+/// hash-map operations, so an async mutex would only add overhead.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryStore {
+    map: Mutex<HashMap<String, Entry>>,
+    writes: AtomicU64,
+}
+
+impl MemoryStore {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave a half-written entry (every mutation is a
+        // single map operation), so a poisoned lock is still consistent.
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        let map = self.lock();
+        map.get(key)
+            .filter(|entry| entry.live(now))
+            .map(|entry| entry.value.clone())
+    }
+
+    pub(crate) fn ttl(&self, key: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let map = self.lock();
+        map.get(key)
+            .filter(|entry| entry.live(now))
+            .and_then(|entry| entry.expires_at)
+            .map(|at| at.saturating_duration_since(now))
+    }
+
+    pub(crate) fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.insert(
+            key.to_owned(),
+            Entry {
+                value,
+                expires_at: Some(now + ttl),
+            },
+        );
+        self.after_write(&mut map, now);
+    }
+
+    pub(crate) fn set_many(&self, items: &[(String, Vec<u8>)], ttl: Duration) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        for (key, value) in items {
+            map.insert(
+                key.clone(),
+                Entry {
+                    value: value.clone(),
+                    expires_at: Some(now + ttl),
+                },
+            );
+        }
+        self.after_write(&mut map, now);
+    }
+
+    pub(crate) fn del(&self, keys: &[String]) -> u64 {
+        let now = Instant::now();
+        let mut map = self.lock();
+        keys.iter()
+            .filter(|key| {
+                map.remove(key.as_str())
+                    .is_some_and(|entry| entry.live(now))
+            })
+            .count() as u64
+    }
+
+    pub(crate) fn del_if_equals(&self, key: &str, expected: &[u8]) -> bool {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let matches = map
+            .get(key)
+            .is_some_and(|entry| entry.live(now) && entry.value == expected);
+        if matches {
+            map.remove(key);
+        }
+        matches
+    }
+
+    pub(crate) fn keys_matching(&self, pattern: &str) -> Vec<String> {
+        let now = Instant::now();
+        let map = self.lock();
+        map.iter()
+            .filter(|(key, entry)| {
+                entry.live(now) && glob_match(pattern.as_bytes(), key.as_bytes())
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    fn after_write(&self, map: &mut HashMap<String, Entry>, now: Instant) {
+        if self.writes.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            map.retain(|_, entry| entry.live(now));
+        }
+    }
+
+    #[cfg(test)]
+    fn raw_len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Redis's glob: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`, and `\x` for a literal `x`.
+pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // Where to resume after the last `*`: (pattern index after it, text index it matched up to).
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() {
+            match pattern[p] {
+                b'*' => {
+                    star = Some((p + 1, t));
+                    p += 1;
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class_match(pattern, p, text[t])
+                        && matched
+                    {
+                        p = next;
+                        t += 1;
+                        continue;
+                    }
+                }
+                b'\\' if p + 1 < pattern.len() => {
+                    if pattern[p + 1] == text[t] {
+                        p += 2;
+                        t += 1;
+                        continue;
+                    }
+                }
+                c => {
+                    if c == text[t] {
+                        p += 1;
+                        t += 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        match star {
+            Some((after, matched)) => {
+                p = after;
+                t = matched + 1;
+                star = Some((after, matched + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pattern[open] == b'['`; returns whether it matched
+/// and the index after the closing `]`, or `None` for a class that never closes (Redis then
+/// treats the rest of the pattern as the class, which can't match more text).
+fn class_match(pattern: &[u8], open: usize, c: u8) -> Option<(bool, usize)> {
+    let mut i = open + 1;
+    let negate = pattern.get(i) == Some(&b'^');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    loop {
+        match pattern.get(i)? {
+            b']' => break,
+            b'\\' => {
+                let literal = *pattern.get(i + 1)?;
+                matched |= literal == c;
+                i += 2;
+            }
+            &low if pattern.get(i + 1) == Some(&b'-')
+                && pattern.get(i + 2).is_some_and(|&h| h != b']') =>
+            {
+                let high = pattern[i + 2];
+                let (low, high) = if low <= high {
+                    (low, high)
+                } else {
+                    (high, low)
+                };
+                matched |= (low..=high).contains(&c);
+                i += 3;
+            }
+            &literal => {
+                matched |= literal == c;
+                i += 1;
+            }
+        }
+    }
+    Some((matched != negate, i + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The glob matcher agrees with Redis on the cases rediskit produces and a few it doesn't.
+    #[test]
+    fn glob() {
+        let yes = [
+            ("*", "anything"),
+            ("rk:cache:ns:*", "rk:cache:ns:user:1"),
+            ("a?c", "abc"),
+            ("a\\*c", "a*c"),
+            ("a\\?c*", "a?cde"),
+            ("[abc]x", "bx"),
+            ("[^abc]x", "dx"),
+            ("[a-c]x", "bx"),
+            ("a\\[b\\]", "a[b]"),
+            ("*b*", "abc"),
+            ("a**", "a"),
+        ];
+        for (pattern, text) in yes {
+            assert!(
+                glob_match(pattern.as_bytes(), text.as_bytes()),
+                "{pattern} ~ {text}"
+            );
+        }
+        let no = [
+            ("a\\*c", "abc"),
+            ("a?c", "ac"),
+            ("[abc]x", "dx"),
+            ("[^abc]x", "ax"),
+            ("rk:cache:ns:*", "rk:cache:other:1"),
+            ("abc", "abcd"),
+        ];
+        for (pattern, text) in no {
+            assert!(
+                !glob_match(pattern.as_bytes(), text.as_bytes()),
+                "{pattern} !~ {text}"
+            );
+        }
+    }
+
+    /// Expired entries are invisible at once and swept out of memory over time.
+    #[test]
+    fn expiry() {
+        let store = MemoryStore::new();
+        store.set("gone", b"v".to_vec(), Duration::from_millis(1));
+        store.set("kept", b"v".to_vec(), Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(store.get("gone"), None);
+        assert_eq!(store.ttl("gone"), None);
+        assert_eq!(store.get("kept"), Some(b"v".to_vec()));
+        for i in 0..SWEEP_EVERY {
+            store.set(&format!("k{i}"), Vec::new(), Duration::from_secs(60));
+        }
+        assert_eq!(
+            store.raw_len(),
+            1 + SWEEP_EVERY as usize,
+            "the expired entry was swept"
+        );
+    }
+}
