@@ -108,7 +108,8 @@ struct CacheInner {
     prefix: String,
     default_ttl: Duration,
     codec: Codec,
-    flights: Mutex<HashMap<String, (u64, watch::Receiver<Option<Flight>>)>>,
+    /// Computations in flight, by Redis key: the flight's id and where its outcome will appear.
+    flights: Mutex<HashMap<String, (u64, FlightReceiver)>>,
     next_flight: AtomicU64,
     counters: Counters,
     last_warning: AtomicU64,
@@ -123,6 +124,8 @@ struct Counters {
     sets: AtomicU64,
     computations: AtomicU64,
 }
+
+type FlightReceiver = watch::Receiver<Option<Flight>>;
 
 /// The outcome a computing caller publishes to those waiting for it.
 #[derive(Clone)]
@@ -572,7 +575,7 @@ impl Cache {
 
 enum Joined<'a> {
     Leader(FlightGuard<'a>),
-    Waiter(watch::Receiver<Option<Flight>>),
+    Waiter(FlightReceiver),
 }
 
 /// Held by the caller computing a key. Dropping it — after publishing, or on failure or

@@ -372,7 +372,7 @@ impl Config {
             settings = settings.set_username(username.clone());
         }
         if let Some(password) = &self.password {
-            settings = settings.set_password(password.expose().to_owned());
+            settings = settings.set_password(password.expose());
         }
         Ok(info.set_redis_settings(settings))
     }
