@@ -84,3 +84,8 @@ pub mod defaults {
         DEFAULT_PRODUCTION_HOST, MAX_CONNECTIONS_LIMIT, MAX_TIMEOUT,
     };
 }
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
