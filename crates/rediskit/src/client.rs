@@ -402,7 +402,7 @@ impl Client {
     }
 
     /// The embedded store, when this is a `memory://` handle.
-    fn memory(&self) -> Result<Option<&MemoryStore>> {
+    pub(crate) fn memory(&self) -> Result<Option<&MemoryStore>> {
         if self.is_closed() {
             return Err(Error::closed());
         }

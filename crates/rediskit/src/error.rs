@@ -27,6 +27,14 @@ pub enum ErrorKind {
     Closed,
     /// Redis answered with an error that retrying will not fix (a bug, a permission missing).
     Backend,
+    /// No such session, or a token that is not one of ours (unknown, forged or revoked). Callers
+    /// should not tell these apart to clients.
+    NotFound,
+    /// A refresh token that was already rotated was presented again: its whole session family has
+    /// been revoked.
+    Reused,
+    /// The session or token has expired.
+    Expired,
 }
 
 impl ErrorKind {
@@ -38,6 +46,9 @@ impl ErrorKind {
             ErrorKind::Timeout => "redis timed out",
             ErrorKind::Closed => "client closed",
             ErrorKind::Backend => "redis error",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Reused => "refresh token reused",
+            ErrorKind::Expired => "expired",
         }
     }
 }
@@ -118,6 +129,11 @@ impl Error {
     /// True when the call's deadline passed.
     pub fn is_timeout(&self) -> bool {
         self.kind == ErrorKind::Timeout
+    }
+
+    /// True for [`ErrorKind::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
     }
 
     /// True when the caller's input was refused.

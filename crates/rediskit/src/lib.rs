@@ -51,6 +51,8 @@
 //! - `codec` — the stored value format: header, JSON, lz4 over a threshold.
 //! - `keys` — key rules and escaping (SCAN patterns, hash tags).
 //! - `cache` — [`Cache`]: typed get/set, batches, SCAN listing, `get_or_set` with single flight.
+//! - `tokens` — [`Sessions`]: refresh-token sessions with rotation, reuse detection, revocation.
+//! - `ratelimit` — [`RateLimiter`]: GCRA in one atomic script, with a failure policy.
 //! - `memory` — the embedded `memory://` backend.
 //! - `scripts` — server-side Lua, run by SHA.
 
@@ -61,7 +63,9 @@ mod config;
 mod error;
 mod keys;
 mod memory;
+mod ratelimit;
 mod scripts;
+mod tokens;
 
 #[doc(inline)]
 pub use cache::{Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_NAMESPACE, Lookup, ttl};
@@ -75,6 +79,14 @@ pub use config::{Config, ConfigBuilder, Environment, Secret, redact_url};
 pub use error::{Error, ErrorKind, Result};
 #[doc(inline)]
 pub use keys::{MAX_KEY_LEN, MAX_NAME_LEN};
+#[doc(inline)]
+pub use ratelimit::{Decision, FailurePolicy, Quota, RateLimitStats, RateLimiter};
+#[doc(inline)]
+pub use tokens::{
+    DEFAULT_MAX_SESSIONS, DEFAULT_REFRESH_TTL, Issued, MAX_DEVICE_LEN, MAX_METADATA_LEN,
+    MAX_USER_ID_LEN, MIN_SECRET_LEN, RefreshToken, Session, SessionStats, Sessions,
+    SessionsBuilder,
+};
 
 /// Defaults of [`Config`], as constants.
 pub mod defaults {

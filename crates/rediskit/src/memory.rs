@@ -15,8 +15,24 @@ const SWEEP_EVERY: u64 = 1024;
 
 #[derive(Debug)]
 struct Entry {
-    value: Vec<u8>,
+    value: Value,
     expires_at: Option<Instant>,
+}
+
+/// The Redis types the embedded store needs: strings and hashes.
+#[derive(Debug)]
+enum Value {
+    Bytes(Vec<u8>),
+    Hash(HashMap<String, Vec<u8>>),
+}
+
+impl Value {
+    fn bytes(&self) -> Option<&Vec<u8>> {
+        match self {
+            Value::Bytes(bytes) => Some(bytes),
+            Value::Hash(_) => None,
+        }
+    }
 }
 
 impl Entry {
@@ -51,7 +67,7 @@ impl MemoryStore {
         let map = self.lock();
         map.get(key)
             .filter(|entry| entry.live(now))
-            .map(|entry| entry.value.clone())
+            .and_then(|entry| entry.value.bytes().cloned())
     }
 
     pub(crate) fn ttl(&self, key: &str) -> Option<Duration> {
@@ -69,7 +85,7 @@ impl MemoryStore {
         map.insert(
             key.to_owned(),
             Entry {
-                value,
+                value: Value::Bytes(value),
                 expires_at: Some(now + ttl),
             },
         );
@@ -83,7 +99,7 @@ impl MemoryStore {
             map.insert(
                 key.clone(),
                 Entry {
-                    value: value.clone(),
+                    value: Value::Bytes(value.clone()),
                     expires_at: Some(now + ttl),
                 },
             );
@@ -105,9 +121,9 @@ impl MemoryStore {
     pub(crate) fn del_if_equals(&self, key: &str, expected: &[u8]) -> bool {
         let now = Instant::now();
         let mut map = self.lock();
-        let matches = map
-            .get(key)
-            .is_some_and(|entry| entry.live(now) && entry.value == expected);
+        let matches = map.get(key).is_some_and(|entry| {
+            entry.live(now) && entry.value.bytes().is_some_and(|v| v == expected)
+        });
         if matches {
             map.remove(key);
         }
@@ -123,6 +139,90 @@ impl MemoryStore {
             })
             .map(|(key, _)| key.clone())
             .collect()
+    }
+
+    /// Runs `f` on the string at `key` (`None` when missing or expired) under the lock; `f`
+    /// returns its result and what to store: `Some((bytes, ttl))`, or `None` to leave it as is.
+    pub(crate) fn update_bytes<R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&[u8]>) -> (R, Option<(Vec<u8>, Duration)>),
+    ) -> R {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let current = map
+            .get(key)
+            .filter(|entry| entry.live(now))
+            .and_then(|entry| entry.value.bytes().map(Vec::as_slice));
+        let (result, write) = f(current);
+        if let Some((bytes, ttl)) = write {
+            map.insert(
+                key.to_owned(),
+                Entry {
+                    value: Value::Bytes(bytes),
+                    expires_at: Some(now + ttl),
+                },
+            );
+            self.after_write(&mut map, now);
+        }
+        result
+    }
+
+    /// Runs `f` on the hash at `key` (empty when missing or expired) under the lock; `f` returns
+    /// its result and how long the key lives from now (`None`: no expiry). An empty hash is
+    /// removed, as Redis does.
+    pub(crate) fn update_hash<R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut HashMap<String, Vec<u8>>) -> (R, Option<Duration>),
+    ) -> R {
+        let now = Instant::now();
+        let mut map = self.lock();
+        let mut hash = match map.remove(key) {
+            Some(Entry {
+                value: Value::Hash(hash),
+                expires_at,
+            }) if expires_at.is_none_or(|at| at > now) => hash,
+            _ => HashMap::new(),
+        };
+        let (result, ttl) = f(&mut hash);
+        if !hash.is_empty() {
+            map.insert(
+                key.to_owned(),
+                Entry {
+                    value: Value::Hash(hash),
+                    expires_at: ttl.map(|ttl| now + ttl),
+                },
+            );
+        }
+        self.after_write(&mut map, now);
+        result
+    }
+
+    /// A copy of the hash at `key` (empty when missing or expired).
+    pub(crate) fn hash(&self, key: &str) -> HashMap<String, Vec<u8>> {
+        let now = Instant::now();
+        let map = self.lock();
+        match map.get(key) {
+            Some(Entry {
+                value: Value::Hash(hash),
+                expires_at,
+            }) if expires_at.is_none_or(|at| at > now) => hash.clone(),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// One field of the hash at `key`.
+    pub(crate) fn hash_field(&self, key: &str, field: &str) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        let map = self.lock();
+        match map.get(key) {
+            Some(Entry {
+                value: Value::Hash(hash),
+                expires_at,
+            }) if expires_at.is_none_or(|at| at > now) => hash.get(field).cloned(),
+            _ => None,
+        }
     }
 
     fn after_write(&self, map: &mut HashMap<String, Entry>, now: Instant) {

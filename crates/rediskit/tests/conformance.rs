@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -25,30 +26,6 @@ fn profile(id: u64) -> Profile {
         name: format!("user {id} ✓"),
         tags: vec!["a".into(), "b".into()],
     }
-}
-
-/// Runs each named case against both backends.
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = crate::common::Backend::redis().await;
-                    super::$case(&backend.client).await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let backend = crate::common::Backend::memory().await;
-                    super::$case(&backend.client).await;
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

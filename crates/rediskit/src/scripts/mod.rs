@@ -9,3 +9,25 @@ use std::sync::LazyLock;
 /// `del_if_equals.lua`: delete a key only if it still holds the given bytes.
 pub(crate) static DEL_IF_EQUALS: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("del_if_equals.lua")));
+
+/// The session scripts, each with the shared prelude prepended.
+macro_rules! session_script {
+    ($name:ident, $file:literal) => {
+        pub(crate) static $name: LazyLock<redis::Script> = LazyLock::new(|| {
+            redis::Script::new(concat!(
+                include_str!("session_prelude.lua"),
+                "\n",
+                include_str!($file)
+            ))
+        });
+    };
+}
+
+session_script!(SESSION_CREATE, "session_create.lua");
+session_script!(SESSION_ROTATE, "session_rotate.lua");
+session_script!(SESSION_REVOKE, "session_revoke.lua");
+session_script!(SESSION_REVOKE_ALL, "session_revoke_all.lua");
+
+/// `gcra.lua`: one rate-limit decision.
+pub(crate) static GCRA: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));

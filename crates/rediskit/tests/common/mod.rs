@@ -46,3 +46,29 @@ pub fn config(url: &str) -> Config {
         .build()
         .expect("valid test config")
 }
+
+/// Runs each named case (an `async fn(&Client)` in the calling file) against a fresh
+/// redis-server and a fresh `memory://` store.
+#[allow(unused_macros)]
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod redis_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = crate::common::Backend::redis().await;
+                    super::$case(&backend.client).await;
+                }
+            )*
+        }
+        mod memory_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = crate::common::Backend::memory().await;
+                    super::$case(&backend.client).await;
+                }
+            )*
+        }
+    };
+}

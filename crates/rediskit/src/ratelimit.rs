@@ -1,0 +1,384 @@
+//! Rate limiting with GCRA (the generic cell rate algorithm) in one atomic script.
+//!
+//! The original did `get`, compare, `set` — three steps that concurrent requests interleave, so
+//! it let through as many requests as raced it. Here each decision is one script: read the
+//! caller's theoretical arrival time, decide, write it back, on Redis's clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::keys;
+
+/// How many requests, per how long, with how much extra burst.
+///
+/// From idle, `limit + burst` requests pass at once; after that one more every
+/// `period / limit`. So `Quota::per_minute(10)` lets 10 through, then one every 6 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Quota {
+    /// Requests per period, sustained.
+    pub limit: u32,
+    /// The period.
+    pub period: Duration,
+    /// Requests allowed above `limit` in a burst from idle. Default: 0.
+    pub burst: u32,
+}
+
+impl Quota {
+    /// `limit` requests per `period`, no extra burst.
+    pub fn new(limit: u32, period: Duration) -> Self {
+        Self {
+            limit,
+            period,
+            burst: 0,
+        }
+    }
+
+    /// `limit` requests per second.
+    pub fn per_second(limit: u32) -> Self {
+        Self::new(limit, Duration::from_secs(1))
+    }
+
+    /// `limit` requests per minute.
+    pub fn per_minute(limit: u32) -> Self {
+        Self::new(limit, Duration::from_secs(60))
+    }
+
+    /// The same quota with `burst` extra requests allowed at once.
+    pub fn with_burst(mut self, burst: u32) -> Self {
+        self.burst = burst;
+        self
+    }
+
+    /// Requests that pass at once from idle: `limit + burst`.
+    pub fn capacity(&self) -> u32 {
+        self.limit.saturating_add(self.burst)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.limit == 0 {
+            return Err(Error::invalid("quota limit must be at least 1"));
+        }
+        if self.period < Duration::from_millis(1) || self.period > Duration::from_secs(366 * 86_400)
+        {
+            return Err(Error::invalid(format!(
+                "quota period must be between 1 ms and a year, got {:?}",
+                self.period
+            )));
+        }
+        if self.capacity() > 1_000_000 {
+            return Err(Error::invalid(
+                "quota limit + burst must be at most 1000000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What to answer when Redis cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Let the request through (availability first). Default.
+    #[default]
+    Open,
+    /// Refuse the request (protection first).
+    Closed,
+}
+
+/// The answer for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// Requests that pass at once from idle (`limit + burst`), for `RateLimit-Limit`.
+    pub limit: u32,
+    /// Requests that would still pass right now, for `RateLimit-Remaining`.
+    pub remaining: u32,
+    /// Time until the caller is back to full capacity, for `RateLimit-Reset`.
+    pub reset_after: Duration,
+    /// When refused: time until the same request would pass, for `Retry-After`.
+    pub retry_after: Option<Duration>,
+    /// True when Redis was unavailable and the [`FailurePolicy`] decided.
+    pub degraded: bool,
+}
+
+/// Counters since the limiter was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RateLimitStats {
+    /// Requests allowed (degraded ones included).
+    pub allowed: u64,
+    /// Requests refused (degraded ones included).
+    pub rejected: u64,
+    /// Decisions made by the failure policy because Redis was unavailable.
+    pub degraded: u64,
+}
+
+/// A named rate limiter; each caller key (an address, a user name) has its own budget.
+/// Cloning is cheap (an [`Arc`]).
+///
+/// # Behavior
+///
+/// Each decision is one script on one key (`{prefix}rl:{name}:{escaped key}`), atomic under any
+/// concurrency and across service instances, timed by Redis's clock. The key expires when the
+/// caller is back to full capacity. When Redis is unavailable, the [`FailurePolicy`] answers, the
+/// decision says `degraded`, and [`RateLimitStats::degraded`] counts it.
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    name: String,
+    prefix: String,
+    quota: Quota,
+    policy: FailurePolicy,
+    allowed: AtomicU64,
+    rejected: AtomicU64,
+    degraded: AtomicU64,
+}
+
+impl RateLimiter {
+    /// A limiter named `name` (`A-Z a-z 0-9 _ - .`, distinct per purpose, e.g. `login`) with
+    /// the default [`FailurePolicy::Open`].
+    pub fn new(client: &Client, name: &str, quota: Quota) -> Result<Self> {
+        Self::with_policy(client, name, quota, FailurePolicy::default())
+    }
+
+    /// A limiter with an explicit failure policy.
+    pub fn with_policy(
+        client: &Client,
+        name: &str,
+        quota: Quota,
+        policy: FailurePolicy,
+    ) -> Result<Self> {
+        keys::check_namespace(name).map_err(|why| Error::invalid(format!("rate limiter {why}")))?;
+        quota.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                prefix: format!("{}rl:{name}:", client.key_prefix()),
+                client: client.clone(),
+                name: name.to_owned(),
+                quota,
+                policy,
+                allowed: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                degraded: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The quota.
+    pub fn quota(&self) -> Quota {
+        self.inner.quota
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Counters since the limiter was built.
+    pub fn stats(&self) -> RateLimitStats {
+        RateLimitStats {
+            allowed: self.inner.allowed.load(Ordering::Relaxed),
+            rejected: self.inner.rejected.load(Ordering::Relaxed),
+            degraded: self.inner.degraded.load(Ordering::Relaxed),
+        }
+    }
+
+    fn redis_key(&self, key: &str) -> Result<String> {
+        if key.is_empty() || key.len() > keys::MAX_KEY_LEN {
+            return Err(Error::invalid(format!(
+                "rate-limit key must be 1 to {} bytes, got {}",
+                keys::MAX_KEY_LEN,
+                key.len()
+            )));
+        }
+        Ok(format!(
+            "{}{}",
+            self.inner.prefix,
+            keys::escape_component(key)
+        ))
+    }
+
+    /// Decides one request of `key`.
+    pub async fn check(&self, key: &str) -> Result<Decision> {
+        self.check_n(key, 1).await
+    }
+
+    /// Decides a request costing `cost` units (1 to `limit + burst`).
+    pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
+        let redis_key = self.redis_key(key)?;
+        let quota = self.inner.quota;
+        if cost == 0 || cost > quota.capacity() {
+            return Err(Error::invalid(format!(
+                "cost must be between 1 and {} (limit + burst), got {cost}",
+                quota.capacity()
+            )));
+        }
+        let period_us = quota.period.as_micros() as u64;
+        let outcome = match self.inner.client.memory() {
+            Err(err) => Err(err),
+            Ok(Some(memory)) => Ok(memory.update_bytes(&redis_key, |stored| {
+                let tat = stored
+                    .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                    .and_then(|text| text.parse::<u64>().ok());
+                gcra(tat, now_micros(), period_us, quota, cost)
+            })),
+            Ok(None) => {
+                self.inner
+                    .client
+                    .run("EVALSHA gcra", |mut c| async move {
+                        crate::scripts::GCRA
+                            .key(&redis_key)
+                            .arg(period_us)
+                            .arg(quota.limit)
+                            .arg(quota.capacity())
+                            .arg(cost)
+                            .invoke_async::<(u8, u64, u64, u64)>(&mut c)
+                            .await
+                    })
+                    .await
+            }
+        };
+        let decision = match outcome {
+            Ok((allowed, remaining, reset_us, retry_us)) => Decision {
+                allowed: allowed == 1,
+                limit: quota.capacity(),
+                remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                reset_after: Duration::from_micros(reset_us),
+                retry_after: (allowed != 1).then(|| Duration::from_micros(retry_us)),
+                degraded: false,
+            },
+            Err(err) if err.is_unavailable() => {
+                self.inner.degraded.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(limiter = %self.inner.name, error = %err,
+                    "rate limiter degraded: redis unavailable");
+                let allowed = self.inner.policy == FailurePolicy::Open;
+                Decision {
+                    allowed,
+                    limit: quota.capacity(),
+                    remaining: 0,
+                    reset_after: quota.period,
+                    retry_after: (!allowed).then_some(Duration::from_secs(1)),
+                    degraded: true,
+                }
+            }
+            Err(err) => return Err(err),
+        };
+        let counter = if decision.allowed {
+            &self.inner.allowed
+        } else {
+            &self.inner.rejected
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(decision)
+    }
+
+    /// Forgets `key`'s usage, giving it full capacity again.
+    pub async fn reset(&self, key: &str) -> Result<()> {
+        let redis_key = self.redis_key(key)?;
+        self.inner.client.del(&[redis_key]).await.map(|_| ())
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+type GcraOutcome = (u8, u64, u64, u64);
+
+/// `gcra.lua` in Rust, for the memory backend: the decision and what to store (the new TAT in
+/// µs as decimal text, and its time to live).
+fn gcra(
+    tat: Option<u64>,
+    now: u64,
+    period_us: u64,
+    quota: Quota,
+    cost: u32,
+) -> (GcraOutcome, Option<(Vec<u8>, Duration)>) {
+    let interval = period_us as f64 / f64::from(quota.limit);
+    let tat = tat.unwrap_or(now).max(now) as f64;
+    let now = now as f64;
+    let new_tat = tat + interval * f64::from(cost);
+    let window = interval * f64::from(quota.capacity());
+    if new_tat - now > window {
+        let retry = (new_tat - now - window).ceil() as u64;
+        return ((0, 0, (tat - now).ceil() as u64, retry), None);
+    }
+    let reset = (new_tat - now).ceil();
+    let remaining = ((window - (new_tat - now)) / interval).floor() as u64;
+    let stored = format!("{}", new_tat.ceil() as u64).into_bytes();
+    let ttl = Duration::from_millis(((reset / 1000.0).ceil() as u64).max(1));
+    ((1, remaining, reset as u64, 0), Some((stored, ttl)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(quota: Quota, times: &[u64]) -> Vec<GcraOutcome> {
+        let mut tat = None;
+        let period_us = quota.period.as_micros() as u64;
+        times
+            .iter()
+            .map(|&now| {
+                let (outcome, write) = gcra(tat, now, period_us, quota, 1);
+                if let Some((bytes, _)) = write {
+                    tat = String::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+                }
+                outcome
+            })
+            .collect()
+    }
+
+    /// `limit` requests pass at once; the next is refused with retry-after of one interval.
+    #[test]
+    fn limit_then_refuse() {
+        let quota = Quota::per_minute(3);
+        let out = run(quota, &[0, 0, 0, 0]);
+        assert_eq!(out[0], (1, 2, 20_000_000, 0));
+        assert_eq!(out[1], (1, 1, 40_000_000, 0));
+        assert_eq!(out[2], (1, 0, 60_000_000, 0));
+        assert_eq!(out[3], (0, 0, 60_000_000, 20_000_000));
+    }
+
+    /// After one interval, one more request passes.
+    #[test]
+    fn refills_one_interval_at_a_time() {
+        let quota = Quota::per_second(2);
+        let out = run(quota, &[0, 0, 0, 500_000, 500_000]);
+        assert_eq!(
+            out.iter().map(|o| o.0).collect::<Vec<_>>(),
+            vec![1, 1, 0, 1, 0]
+        );
+    }
+
+    /// Burst adds capacity from idle but not sustained rate.
+    #[test]
+    fn burst() {
+        let quota = Quota::per_minute(2).with_burst(3);
+        let out = run(quota, &[0; 6]);
+        assert_eq!(out.iter().filter(|o| o.0 == 1).count(), 5);
+        assert_eq!(quota.capacity(), 5);
+    }
+
+    /// Bad quotas are refused.
+    #[test]
+    fn validation() {
+        assert!(Quota::per_minute(0).validate().is_err());
+        assert!(Quota::new(1, Duration::ZERO).validate().is_err());
+        assert!(Quota::per_second(10).validate().is_ok());
+    }
+}

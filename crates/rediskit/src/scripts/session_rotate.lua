@@ -1,0 +1,40 @@
+-- Rotate a refresh token. ARGV: sid, presented generation, presented secret hash,
+-- next secret hash, ttl secs, idle secs, grace secs.
+-- Returns {status, ...}: 0 unknown; 1 rotated {1, gen, rec}; 2 ended; 3 within grace {3, gen, rec};
+-- 4 reused (the family was revoked).
+local key, sid = KEYS[1], ARGV[1]
+local presented = tonumber(ARGV[2])
+local ttl, idle, grace = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local now = now_secs()
+local rec = redis.call('HGET', key, sid)
+if not rec then
+  return {0}
+end
+local gen, hash, created, last, expires, rotated = struct.unpack(FMT, rec)
+if session_end(rec, idle) <= now then
+  redis.call('HDEL', key, sid)
+  sweep(key, now, idle)
+  return {2}
+end
+if presented == gen then
+  if not ct_eq(hash, ARGV[3]) then
+    return {0}
+  end
+  local new_expires = now + ttl
+  local new_rec = struct.pack(FMT, gen + 1, ARGV[4], created, now, new_expires, now)
+    .. string.sub(rec, HEAD + 1)
+  redis.call('HSET', key, sid, new_rec)
+  local ends = new_expires
+  if idle > 0 and now + idle < ends then ends = now + idle end
+  extend(key, ends)
+  return {1, gen + 1, new_rec}
+end
+if presented + 1 == gen and grace > 0 and now - rotated <= grace then
+  return {3, gen, rec}
+end
+if presented < gen then
+  redis.call('HDEL', key, sid)
+  sweep(key, now, idle)
+  return {4}
+end
+return {0}

@@ -1,0 +1,1196 @@
+//! Refresh-token sessions (the original module's `TokenManager`, made correct).
+//!
+//! # Model
+//!
+//! A *session* is one login on one device. It holds one live refresh token at a time; every
+//! [`rotate`](Sessions::rotate) replaces it. All the sessions of a user live in **one Redis hash**
+//! (`{prefix}s:{<user>}`, the user id escaped inside a hash tag), one field per session, so that
+//! every operation — create, rotate, revoke one, revoke all, list — is one script or one command
+//! on one key: atomic, race-free, and runnable unchanged on Redis Cluster. The key expires with
+//! the user's last live session; ended sessions are swept out by every write.
+//!
+//! # Tokens
+//!
+//! A refresh token is `base64url(user id) "." base64url(v1 | session id | generation | expiry |
+//! 256 random bits | MAC)`. The MAC (HMAC-SHA-256 truncated to 128 bits, keyed by a key derived
+//! from the configured secret) proves the token was issued by us, so a forged or altered token is
+//! rejected before Redis is asked. Redis stores only a keyed hash of the random part — never the
+//! token. The secret of the next generation is derived from the current one with the secret key,
+//! which is what lets the optional grace window hand two concurrent refreshes the same new token
+//! without storing it.
+//!
+//! # Reuse detection
+//!
+//! A genuine token (valid MAC) of an older generation than the session's current one has already
+//! been rotated: presenting it again means two parties hold the token. The whole session is
+//! revoked and the caller gets [`ErrorKind::Reused`](crate::ErrorKind::Reused). Old tokens need
+//! no storage of their own for this: the generation counter remembers them until the session
+//! ends.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+use crate::client::Client;
+use crate::config::Secret;
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Lifetime of a refresh token unless the caller says otherwise: 30 days.
+pub const DEFAULT_REFRESH_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Live sessions kept per user; creating one more evicts the oldest.
+pub const DEFAULT_MAX_SESSIONS: usize = 100;
+/// Shortest secret accepted for deriving token keys, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+/// Longest user id accepted, in bytes.
+pub const MAX_USER_ID_LEN: usize = 128;
+/// Longest device description accepted, in bytes.
+pub const MAX_DEVICE_LEN: usize = 128;
+/// Longest metadata accepted, as JSON bytes.
+pub const MAX_METADATA_LEN: usize = 1024;
+
+const TOKEN_VERSION: u8 = 1;
+const SID_LEN: usize = 12;
+const RAND_LEN: usize = 32;
+const MAC_LEN: usize = 16;
+const HASH_LEN: usize = 16;
+/// version + sid + generation + expiry + random + MAC
+const TOKEN_BIN_LEN: usize = 1 + SID_LEN + 4 + 4 + RAND_LEN + MAC_LEN;
+/// Longest token text we even try to parse.
+const MAX_TOKEN_TEXT: usize = 512;
+
+/// A refresh token. Its `Debug` does not show it; send it to the client and forget it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefreshToken(String);
+
+impl RefreshToken {
+    /// The token text, for the client.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The token text, by value.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Debug for RefreshToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RefreshToken(..)")
+    }
+}
+
+/// One live session: one login on one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Session {
+    /// Whose session it is.
+    pub user_id: String,
+    /// Its id (16 URL-safe characters), stable across rotations.
+    pub session_id: String,
+    /// Free text given at creation (e.g. from `User-Agent`).
+    pub device: String,
+    /// When it was created (second resolution).
+    pub created_at: SystemTime,
+    /// When its token was last rotated (or created).
+    pub last_used_at: SystemTime,
+    /// When it ends unless rotated (the inactivity limit may end it earlier).
+    pub expires_at: SystemTime,
+    /// Rotations so far.
+    pub generation: u32,
+    /// The JSON metadata given at creation, if any.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A new refresh token and the session it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Issued {
+    /// The token to hand to the client.
+    pub token: RefreshToken,
+    /// The session.
+    pub session: Session,
+    /// How many of the user's oldest sessions were evicted to stay under the cap (create only).
+    pub evicted: u32,
+}
+
+/// Counters since the store was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SessionStats {
+    /// Sessions created.
+    pub created: u64,
+    /// Tokens rotated (grace-window repeats included).
+    pub rotated: u64,
+    /// Sessions revoked by `revoke`, `revoke_all` or reuse.
+    pub revoked: u64,
+    /// Reused tokens detected (each revoked its session).
+    pub reuse_detected: u64,
+}
+
+/// Refresh-token sessions over a [`Client`]. Cloning is cheap (an [`Arc`]).
+///
+/// # Behavior
+///
+/// - **Fail closed.** When Redis is unavailable every operation returns an error for which
+///   [`Error::is_unavailable`] is true — never "not found", never a session.
+/// - **Atomic.** Each operation is one script (or one read) on the user's single hash: a
+///   `revoke_all` racing `create`s and `rotate`s leaves no session that existed before it
+///   returned; 100 concurrent rotations of one token produce exactly one new token (grace 0).
+/// - **No secret at rest.** Redis holds a keyed hash of each token's random part, nothing that
+///   lets one rebuild a token.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    keys: TokenKeys,
+    default_ttl: Duration,
+    grace: Duration,
+    max_sessions: usize,
+    inactivity: Option<Duration>,
+    created: AtomicU64,
+    rotated: AtomicU64,
+    revoked: AtomicU64,
+    reuse_detected: AtomicU64,
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sessions")
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("grace", &self.inner.grace)
+            .field("max_sessions", &self.inner.max_sessions)
+            .field("inactivity", &self.inner.inactivity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`Sessions`]; see [`Sessions::builder`].
+#[derive(Debug, Clone)]
+pub struct SessionsBuilder {
+    client: Client,
+    secret: Secret,
+    default_ttl: Duration,
+    grace: Duration,
+    max_sessions: usize,
+    inactivity: Option<Duration>,
+}
+
+impl SessionsBuilder {
+    /// Token lifetime when `create`/`rotate` get `None`. Default: [`DEFAULT_REFRESH_TTL`].
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = ttl;
+        self
+    }
+
+    /// How long after a rotation the previous token may still be presented and get the same new
+    /// token (for clients that refresh twice concurrently). Default: zero — a second use is
+    /// always reuse. Whole seconds.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Live sessions per user; creating one more evicts the oldest. Default:
+    /// [`DEFAULT_MAX_SESSIONS`].
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.max_sessions = max;
+        self
+    }
+
+    /// End a session that has not been rotated for this long. Default: off. Whole seconds.
+    pub fn inactivity_timeout(mut self, timeout: Duration) -> Self {
+        self.inactivity = Some(timeout);
+        self
+    }
+
+    /// Validates and builds.
+    pub fn build(self) -> Result<Sessions> {
+        if self.secret.expose().len() < MIN_SECRET_LEN {
+            return Err(Error::config(format!(
+                "the session secret must be at least {MIN_SECRET_LEN} bytes, got {}",
+                self.secret.expose().len()
+            )));
+        }
+        check_ttl(self.default_ttl)?;
+        if self.grace > Duration::from_secs(300) {
+            return Err(Error::invalid("grace must be at most 300 s"));
+        }
+        if !(1..=10_000).contains(&self.max_sessions) {
+            return Err(Error::invalid("max_sessions must be between 1 and 10000"));
+        }
+        if let Some(idle) = self.inactivity {
+            check_ttl(idle)?;
+        }
+        Ok(Sessions {
+            inner: Arc::new(Inner {
+                keys: TokenKeys::derive(self.secret.expose().as_bytes()),
+                client: self.client,
+                default_ttl: self.default_ttl,
+                grace: self.grace,
+                max_sessions: self.max_sessions,
+                inactivity: self.inactivity,
+                created: AtomicU64::new(0),
+                rotated: AtomicU64::new(0),
+                revoked: AtomicU64::new(0),
+                reuse_detected: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(10 * 365 * 86_400) {
+        return Err(Error::invalid(format!(
+            "session lifetimes must be between 1 s and 10 years, got {ttl:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whole seconds, rounded up: a session never ends early.
+fn secs_ceil(duration: Duration) -> u32 {
+    let secs = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+impl Sessions {
+    /// Sessions with the default settings; `secret` (at least 32 bytes) keys the token MACs and
+    /// hashes. Changing it invalidates every refresh token.
+    pub fn new(client: &Client, secret: impl Into<Secret>) -> Result<Self> {
+        Self::builder(client, secret).build()
+    }
+
+    /// A builder for other settings.
+    pub fn builder(client: &Client, secret: impl Into<Secret>) -> SessionsBuilder {
+        SessionsBuilder {
+            client: client.clone(),
+            secret: secret.into(),
+            default_ttl: DEFAULT_REFRESH_TTL,
+            grace: Duration::ZERO,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            inactivity: None,
+        }
+    }
+
+    /// Counters since this store was built.
+    pub fn stats(&self) -> SessionStats {
+        let i = &self.inner;
+        SessionStats {
+            created: i.created.load(Ordering::Relaxed),
+            rotated: i.rotated.load(Ordering::Relaxed),
+            revoked: i.revoked.load(Ordering::Relaxed),
+            reuse_detected: i.reuse_detected.load(Ordering::Relaxed),
+        }
+    }
+
+    fn user_key(&self, user: &str) -> Result<String> {
+        check_user(user)?;
+        Ok(format!(
+            "{}s:{{{}}}",
+            self.inner.client.key_prefix(),
+            keys::escape_component(user)
+        ))
+    }
+
+    fn idle_secs(&self) -> u32 {
+        self.inner.inactivity.map(secs_ceil).unwrap_or(0)
+    }
+
+    /// Starts a session for `user` on `device` and returns its first refresh token.
+    ///
+    /// `ttl` defaults to the store's (30 days). `metadata` is any JSON (at most 1 KiB) kept with
+    /// the session. When the user already has `max_sessions` live sessions, the oldest are
+    /// evicted ([`Issued::evicted`]).
+    pub async fn create(
+        &self,
+        user: &str,
+        device: &str,
+        ttl: Option<Duration>,
+        metadata: Option<&serde_json::Value>,
+    ) -> Result<Issued> {
+        let key = self.user_key(user)?;
+        check_device(device)?;
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        check_ttl(ttl)?;
+        let metadata = match metadata {
+            Some(value) => {
+                let bytes = serde_json::to_vec(value)
+                    .map_err(|err| Error::invalid(format!("metadata: {err}")))?;
+                if bytes.len() > MAX_METADATA_LEN {
+                    return Err(Error::invalid(format!(
+                        "metadata must be at most {MAX_METADATA_LEN} bytes of JSON, got {}",
+                        bytes.len()
+                    )));
+                }
+                bytes
+            }
+            None => Vec::new(),
+        };
+        let mut sid = [0u8; SID_LEN];
+        let mut random = [0u8; RAND_LEN];
+        rand::rng().fill_bytes(&mut sid);
+        rand::rng().fill_bytes(&mut random);
+        let sid_text = B64.encode(sid);
+        let hash = self.inner.keys.secret_hash(&random);
+        let args = CreateArgs {
+            sid: &sid_text,
+            hash: &hash,
+            ttl: secs_ceil(ttl),
+            idle: self.idle_secs(),
+            max: self.inner.max_sessions as u32,
+            device,
+            metadata: &metadata,
+        };
+        let (now, expires, evicted) = match self.inner.client.memory()? {
+            Some(memory) => memory.update_hash(&key, |map| engine::create(map, &args, unix_now())),
+            None => {
+                let reply: (u32, u32, u32) = self
+                    .inner
+                    .client
+                    .run("EVALSHA session_create", |mut c| async move {
+                        crate::scripts::SESSION_CREATE
+                            .key(&key)
+                            .arg(args.sid)
+                            .arg(&args.hash[..])
+                            .arg(args.ttl)
+                            .arg(args.idle)
+                            .arg(args.max)
+                            .arg(args.device)
+                            .arg(args.metadata)
+                            .invoke_async(&mut c)
+                            .await
+                    })
+                    .await?;
+                reply
+            }
+        };
+        self.inner.created.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .revoked
+            .fetch_add(u64::from(evicted), Ordering::Relaxed);
+        let record = Record {
+            generation: 0,
+            hash,
+            created: now,
+            last_used: now,
+            expires,
+            rotated: now,
+            device: device.to_owned(),
+            metadata,
+        };
+        let token = self.inner.keys.encode(&TokenParts {
+            user: user.to_owned(),
+            sid,
+            generation: 0,
+            expires,
+            random,
+        });
+        Ok(Issued {
+            token,
+            session: record.into_session(user, &sid_text),
+            evicted,
+        })
+    }
+
+    /// The session `token` belongs to, if the token is its current one.
+    ///
+    /// Read-only: an older (rotated) token is reported as [`ErrorKind::Reused`] but does not
+    /// revoke anything here — [`rotate`](Sessions::rotate) does.
+    pub async fn lookup(&self, token: &str) -> Result<Session> {
+        let parts = self.inner.keys.decode(token)?;
+        check_not_expired(&parts)?;
+        let key = self.user_key(&parts.user)?;
+        let sid_text = B64.encode(parts.sid);
+        let record = self
+            .field(&key, &sid_text)
+            .await?
+            .ok_or_else(unknown_token)?;
+        if record.ends(self.idle_secs()) <= unix_now() {
+            return Err(Error::new(ErrorKind::Expired, "the session has expired"));
+        }
+        if parts.generation < record.generation {
+            return Err(Error::new(
+                ErrorKind::Reused,
+                "this refresh token was already rotated",
+            ));
+        }
+        let presented = self.inner.keys.secret_hash(&parts.random);
+        if parts.generation != record.generation || !ct_eq(&presented, &record.hash) {
+            return Err(unknown_token());
+        }
+        Ok(record.into_session(&parts.user, &sid_text))
+    }
+
+    /// Replaces `token` with a new one for the same session, in one atomic script, and records
+    /// the use (`last_used_at`). `ttl` defaults to the store's.
+    ///
+    /// Errors: [`ErrorKind::Reused`] when `token` was already rotated (the session is then
+    /// revoked); [`ErrorKind::NotFound`] for unknown, forged or revoked tokens;
+    /// [`ErrorKind::Expired`]; unavailability.
+    pub async fn rotate(&self, token: &str, ttl: Option<Duration>) -> Result<Issued> {
+        let parts = self.inner.keys.decode(token)?;
+        check_not_expired(&parts)?;
+        let ttl = ttl.unwrap_or(self.inner.default_ttl);
+        check_ttl(ttl)?;
+        let key = self.user_key(&parts.user)?;
+        let sid_text = B64.encode(parts.sid);
+        let presented = self.inner.keys.secret_hash(&parts.random);
+        let next_random = self.inner.keys.next_random(&parts);
+        let next_hash = self.inner.keys.secret_hash(&next_random);
+        let args = RotateArgs {
+            sid: &sid_text,
+            generation: parts.generation,
+            presented: &presented,
+            next: &next_hash,
+            ttl: secs_ceil(ttl),
+            idle: self.idle_secs(),
+            grace: secs_ceil(self.inner.grace),
+        };
+        let reply = match self.inner.client.memory()? {
+            Some(memory) => memory.update_hash(&key, |map| engine::rotate(map, &args, unix_now())),
+            None => {
+                let raw: redis::Value = self
+                    .inner
+                    .client
+                    .run("EVALSHA session_rotate", |mut c| async move {
+                        crate::scripts::SESSION_ROTATE
+                            .key(&key)
+                            .arg(args.sid)
+                            .arg(args.generation)
+                            .arg(&args.presented[..])
+                            .arg(&args.next[..])
+                            .arg(args.ttl)
+                            .arg(args.idle)
+                            .arg(args.grace)
+                            .invoke_async(&mut c)
+                            .await
+                    })
+                    .await?;
+                RotateReply::from_redis(raw)?
+            }
+        };
+        match reply {
+            RotateReply::Rotated(record) | RotateReply::Grace(record) => {
+                // In the grace window the stored hash must be the one derived from this token.
+                if !ct_eq(&record.hash, &next_hash) {
+                    return Err(unknown_token());
+                }
+                self.inner.rotated.fetch_add(1, Ordering::Relaxed);
+                let token = self.inner.keys.encode(&TokenParts {
+                    user: parts.user.clone(),
+                    sid: parts.sid,
+                    generation: record.generation,
+                    expires: record.expires,
+                    random: next_random,
+                });
+                Ok(Issued {
+                    token,
+                    session: record.into_session(&parts.user, &sid_text),
+                    evicted: 0,
+                })
+            }
+            RotateReply::Unknown => Err(unknown_token()),
+            RotateReply::Ended => Err(Error::new(ErrorKind::Expired, "the session has expired")),
+            RotateReply::Reused => {
+                self.inner.reuse_detected.fetch_add(1, Ordering::Relaxed);
+                self.inner.revoked.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    session_id = %sid_text,
+                    "refresh token reuse detected: the session was revoked"
+                );
+                Err(Error::new(
+                    ErrorKind::Reused,
+                    "this refresh token was already used; its session has been revoked",
+                ))
+            }
+        }
+    }
+
+    /// The live session `session_id` of `user`, if any. One read: this is the check a service
+    /// makes on every request carrying an access token.
+    pub async fn session(&self, user: &str, session_id: &str) -> Result<Option<Session>> {
+        let key = self.user_key(user)?;
+        if !is_session_id(session_id) {
+            return Ok(None);
+        }
+        let now = unix_now();
+        let idle = self.idle_secs();
+        Ok(self
+            .field(&key, session_id)
+            .await?
+            .filter(|record| record.ends(idle) > now)
+            .map(|record| record.into_session(user, session_id)))
+    }
+
+    /// The user's live sessions, oldest first. Ended ones are never listed.
+    pub async fn sessions(&self, user: &str) -> Result<Vec<Session>> {
+        let key = self.user_key(user)?;
+        let all: HashMap<String, Vec<u8>> = match self.inner.client.memory()? {
+            Some(memory) => memory.hash(&key),
+            None => {
+                self.inner
+                    .client
+                    .run("HGETALL", |mut c| async move {
+                        redis::cmd("HGETALL").arg(&key).query_async(&mut c).await
+                    })
+                    .await?
+            }
+        };
+        let now = unix_now();
+        let idle = self.idle_secs();
+        let mut sessions: Vec<Session> = all
+            .into_iter()
+            .filter_map(|(sid, bytes)| Record::decode(&bytes).map(|record| (sid, record)))
+            .filter(|(_, record)| record.ends(idle) > now)
+            .map(|(sid, record)| record.into_session(user, &sid))
+            .collect();
+        sessions.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
+        Ok(sessions)
+    }
+
+    /// Ends one session of `user`; true if it was live.
+    pub async fn revoke(&self, user: &str, session_id: &str) -> Result<bool> {
+        let key = self.user_key(user)?;
+        if !is_session_id(session_id) {
+            return Ok(false);
+        }
+        let idle = self.idle_secs();
+        let revoked = match self.inner.client.memory()? {
+            Some(memory) => memory.update_hash(&key, |map| {
+                engine::revoke(map, session_id, idle, unix_now())
+            }),
+            None => {
+                self.inner
+                    .client
+                    .run("EVALSHA session_revoke", |mut c| async move {
+                        crate::scripts::SESSION_REVOKE
+                            .key(&key)
+                            .arg(session_id)
+                            .arg(idle)
+                            .invoke_async::<u32>(&mut c)
+                            .await
+                            .map(|n| n > 0)
+                    })
+                    .await?
+            }
+        };
+        if revoked {
+            self.inner.revoked.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(revoked)
+    }
+
+    /// Ends every session of `user` ("log out everywhere"), atomically; returns how many were
+    /// live. A session created after this returns is not affected.
+    pub async fn revoke_all(&self, user: &str) -> Result<u64> {
+        let key = self.user_key(user)?;
+        let idle = self.idle_secs();
+        let count = match self.inner.client.memory()? {
+            Some(memory) => memory.update_hash(&key, |map| {
+                let (live, _) = engine::sweep(map, idle, unix_now());
+                map.clear();
+                (live.len() as u64, None)
+            }),
+            None => {
+                self.inner
+                    .client
+                    .run("EVALSHA session_revoke_all", |mut c| async move {
+                        crate::scripts::SESSION_REVOKE_ALL
+                            .key(&key)
+                            .arg(idle)
+                            .invoke_async::<u64>(&mut c)
+                            .await
+                    })
+                    .await?
+            }
+        };
+        self.inner.revoked.fetch_add(count, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    async fn field(&self, key: &str, sid: &str) -> Result<Option<Record>> {
+        let bytes: Option<Vec<u8>> = match self.inner.client.memory()? {
+            Some(memory) => memory.hash_field(key, sid),
+            None => {
+                self.inner
+                    .client
+                    .run("HGET", |mut c| async move {
+                        redis::cmd("HGET")
+                            .arg(key)
+                            .arg(sid)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await?
+            }
+        };
+        Ok(bytes.as_deref().and_then(Record::decode))
+    }
+}
+
+fn unknown_token() -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        "unknown, revoked or invalid refresh token",
+    )
+}
+
+fn check_not_expired(parts: &TokenParts) -> Result<()> {
+    if parts.expires <= unix_now() {
+        return Err(Error::new(
+            ErrorKind::Expired,
+            "the refresh token has expired",
+        ));
+    }
+    Ok(())
+}
+
+fn check_user(user: &str) -> Result<()> {
+    if user.is_empty() || user.len() > MAX_USER_ID_LEN {
+        return Err(Error::invalid(format!(
+            "user id must be 1 to {MAX_USER_ID_LEN} bytes, got {}",
+            user.len()
+        )));
+    }
+    if user.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "user id must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_device(device: &str) -> Result<()> {
+    if device.len() > MAX_DEVICE_LEN {
+        return Err(Error::invalid(format!(
+            "device must be at most {MAX_DEVICE_LEN} bytes, got {}",
+            device.len()
+        )));
+    }
+    if device.chars().any(char::is_control) {
+        return Err(Error::invalid("device must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn is_session_id(text: &str) -> bool {
+    text.len() == 16
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+fn at(secs: u32) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::from(secs))
+}
+
+/// Equality without an early exit, for secrets and their hashes.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Keys derived from the configured secret, one per purpose.
+struct TokenKeys {
+    mac: [u8; 32],
+    hash: [u8; 32],
+    rotate: [u8; 32],
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+struct TokenParts {
+    user: String,
+    sid: [u8; SID_LEN],
+    generation: u32,
+    expires: u32,
+    random: [u8; RAND_LEN],
+}
+
+impl TokenKeys {
+    fn derive(secret: &[u8]) -> Self {
+        Self {
+            mac: hmac(secret, &[b"rediskit/v1/refresh-token-mac"]),
+            hash: hmac(secret, &[b"rediskit/v1/refresh-secret-hash"]),
+            rotate: hmac(secret, &[b"rediskit/v1/refresh-rotate"]),
+        }
+    }
+
+    /// The keyed hash stored in Redis instead of the secret.
+    fn secret_hash(&self, random: &[u8; RAND_LEN]) -> [u8; HASH_LEN] {
+        let full = hmac(&self.hash, &[random]);
+        let mut out = [0u8; HASH_LEN];
+        out.copy_from_slice(&full[..HASH_LEN]);
+        out
+    }
+
+    /// The random part of the next generation's token: a keyed function of this one's, so a
+    /// repeat within the grace window gets the same new token without it being stored.
+    fn next_random(&self, parts: &TokenParts) -> [u8; RAND_LEN] {
+        hmac(
+            &self.rotate,
+            &[&parts.sid, &parts.generation.to_be_bytes(), &parts.random],
+        )
+    }
+
+    fn body(parts: &TokenParts) -> [u8; TOKEN_BIN_LEN - MAC_LEN] {
+        let mut body = [0u8; TOKEN_BIN_LEN - MAC_LEN];
+        body[0] = TOKEN_VERSION;
+        body[1..1 + SID_LEN].copy_from_slice(&parts.sid);
+        body[13..17].copy_from_slice(&parts.generation.to_be_bytes());
+        body[17..21].copy_from_slice(&parts.expires.to_be_bytes());
+        body[21..].copy_from_slice(&parts.random);
+        body
+    }
+
+    fn mac_of(&self, user: &str, body: &[u8]) -> [u8; MAC_LEN] {
+        // The user id is length-prefixed so that no two (user, body) pairs share an input.
+        let len = (user.len() as u32).to_be_bytes();
+        let full = hmac(&self.mac, &[&len, user.as_bytes(), body]);
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(&full[..MAC_LEN]);
+        out
+    }
+
+    fn encode(&self, parts: &TokenParts) -> RefreshToken {
+        let body = Self::body(parts);
+        let mac = self.mac_of(&parts.user, &body);
+        let mut bin = Vec::with_capacity(TOKEN_BIN_LEN);
+        bin.extend_from_slice(&body);
+        bin.extend_from_slice(&mac);
+        RefreshToken(format!(
+            "{}.{}",
+            B64.encode(parts.user.as_bytes()),
+            B64.encode(bin)
+        ))
+    }
+
+    /// Parses a token and checks its MAC (in constant time). Malformed text is `InvalidInput`;
+    /// a well-formed token with a wrong MAC is `NotFound`, like any unknown token.
+    fn decode(&self, text: &str) -> Result<TokenParts> {
+        let malformed = || Error::invalid("malformed refresh token");
+        if text.len() > MAX_TOKEN_TEXT {
+            return Err(malformed());
+        }
+        let (user, bin) = text.split_once('.').ok_or_else(malformed)?;
+        let user = B64.decode(user).map_err(|_| malformed())?;
+        let user = String::from_utf8(user).map_err(|_| malformed())?;
+        check_user(&user).map_err(|_| malformed())?;
+        let bin = B64.decode(bin).map_err(|_| malformed())?;
+        if bin.len() != TOKEN_BIN_LEN || bin[0] != TOKEN_VERSION {
+            return Err(malformed());
+        }
+        let (body, mac) = bin.split_at(TOKEN_BIN_LEN - MAC_LEN);
+        if !ct_eq(&self.mac_of(&user, body), mac) {
+            return Err(unknown_token());
+        }
+        let mut parts = TokenParts {
+            user,
+            sid: [0; SID_LEN],
+            generation: 0,
+            expires: 0,
+            random: [0; RAND_LEN],
+        };
+        parts.sid.copy_from_slice(&body[1..13]);
+        parts.generation = u32::from_be_bytes([body[13], body[14], body[15], body[16]]);
+        parts.expires = u32::from_be_bytes([body[17], body[18], body[19], body[20]]);
+        parts.random.copy_from_slice(&body[21..]);
+        Ok(parts)
+    }
+}
+
+/// A session as stored: the layout of `session_prelude.lua`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    generation: u32,
+    hash: [u8; HASH_LEN],
+    created: u32,
+    last_used: u32,
+    expires: u32,
+    rotated: u32,
+    device: String,
+    metadata: Vec<u8>,
+}
+
+const RECORD_HEAD: usize = 4 + HASH_LEN + 4 * 4;
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECORD_HEAD + 1 + self.device.len() + self.metadata.len());
+        out.extend_from_slice(&self.generation.to_be_bytes());
+        out.extend_from_slice(&self.hash);
+        for value in [self.created, self.last_used, self.expires, self.rotated] {
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        // Devices are at most MAX_DEVICE_LEN (128) bytes, so the length fits in one byte.
+        out.push(self.device.len() as u8);
+        out.extend_from_slice(self.device.as_bytes());
+        out.extend_from_slice(&self.metadata);
+        out
+    }
+
+    /// `None` for bytes that are not a record (never a panic).
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (head, rest) = bytes.split_at_checked(RECORD_HEAD)?;
+        let word =
+            |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let (&device_len, rest) = rest.split_first()?;
+        let (device, metadata) = rest.split_at_checked(usize::from(device_len))?;
+        let mut hash = [0u8; HASH_LEN];
+        hash.copy_from_slice(&head[4..4 + HASH_LEN]);
+        Some(Self {
+            generation: word(0),
+            hash,
+            created: word(20),
+            last_used: word(24),
+            expires: word(28),
+            rotated: word(32),
+            device: String::from_utf8(device.to_vec()).ok()?,
+            metadata: metadata.to_vec(),
+        })
+    }
+
+    /// When the session stops being valid, given the inactivity limit (0 = none).
+    fn ends(&self, idle: u32) -> u32 {
+        if idle > 0 && self.last_used.saturating_add(idle) < self.expires {
+            self.last_used + idle
+        } else {
+            self.expires
+        }
+    }
+
+    fn into_session(self, user: &str, sid: &str) -> Session {
+        Session {
+            user_id: user.to_owned(),
+            session_id: sid.to_owned(),
+            device: self.device,
+            created_at: at(self.created),
+            last_used_at: at(self.last_used),
+            expires_at: at(self.expires),
+            generation: self.generation,
+            metadata: (!self.metadata.is_empty())
+                .then(|| serde_json::from_slice(&self.metadata).ok())
+                .flatten(),
+        }
+    }
+}
+
+struct CreateArgs<'a> {
+    sid: &'a str,
+    hash: &'a [u8; HASH_LEN],
+    ttl: u32,
+    idle: u32,
+    max: u32,
+    device: &'a str,
+    metadata: &'a [u8],
+}
+
+struct RotateArgs<'a> {
+    sid: &'a str,
+    generation: u32,
+    presented: &'a [u8; HASH_LEN],
+    next: &'a [u8; HASH_LEN],
+    ttl: u32,
+    idle: u32,
+    grace: u32,
+}
+
+enum RotateReply {
+    Unknown,
+    Rotated(Record),
+    Ended,
+    Grace(Record),
+    Reused,
+}
+
+impl RotateReply {
+    fn from_redis(value: redis::Value) -> Result<Self> {
+        let bad = || Error::new(ErrorKind::Backend, "unexpected reply from session_rotate");
+        let redis::Value::Array(items) = value else {
+            return Err(bad());
+        };
+        let status = match items.first() {
+            Some(redis::Value::Int(status)) => *status,
+            _ => return Err(bad()),
+        };
+        let record = || match items.get(2) {
+            Some(redis::Value::BulkString(bytes)) => Record::decode(bytes).ok_or_else(bad),
+            _ => Err(bad()),
+        };
+        Ok(match status {
+            0 => RotateReply::Unknown,
+            1 => RotateReply::Rotated(record()?),
+            2 => RotateReply::Ended,
+            3 => RotateReply::Grace(record()?),
+            4 => RotateReply::Reused,
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// The session scripts, in Rust, for the memory backend: the same steps on the same record
+/// layout, so both backends pass one conformance suite. Keep in step with the `.lua` files.
+mod engine {
+    use super::*;
+
+    type Table = HashMap<String, Vec<u8>>;
+
+    /// `sweep()` of the prelude: drops ended sessions; returns the live ones (sid, created),
+    /// oldest first, and the time-to-live of the key (until the last live session ends).
+    pub(super) fn sweep(
+        map: &mut Table,
+        idle: u32,
+        now: u32,
+    ) -> (Vec<(String, u32)>, Option<Duration>) {
+        let mut last_end = 0;
+        let mut live = Vec::new();
+        map.retain(|sid, bytes| match Record::decode(bytes) {
+            Some(record) if record.ends(idle) > now => {
+                last_end = last_end.max(record.ends(idle));
+                live.push((sid.clone(), record.created));
+                true
+            }
+            _ => false,
+        });
+        live.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        (live, ttl_until(last_end, now))
+    }
+
+    fn ttl_until(end: u32, now: u32) -> Option<Duration> {
+        (end > now).then(|| Duration::from_secs(u64::from(end - now)))
+    }
+
+    /// Unlike the script, which skips the sweep for mid-sized users to stay O(1), this always
+    /// sweeps: in-process it is cheap, and the outcome is the same (ended sessions are invisible
+    /// either way, and eviction happens only at the cap, where both sweep).
+    pub(super) fn create(
+        map: &mut Table,
+        args: &CreateArgs<'_>,
+        now: u32,
+    ) -> ((u32, u32, u32), Option<Duration>) {
+        let (live, ttl) = sweep(map, args.idle, now);
+        let mut evicted = 0;
+        while live.len() - evicted >= args.max as usize {
+            map.remove(&live[evicted].0);
+            evicted += 1;
+        }
+        let expires = now.saturating_add(args.ttl);
+        let record = Record {
+            generation: 0,
+            hash: *args.hash,
+            created: now,
+            last_used: now,
+            expires,
+            rotated: now,
+            device: args.device.to_owned(),
+            metadata: args.metadata.to_vec(),
+        };
+        let ends = record.ends(args.idle);
+        map.insert(args.sid.to_owned(), record.encode());
+        let ttl = ttl.max(ttl_until(ends, now));
+        ((now, expires, evicted as u32), ttl)
+    }
+
+    pub(super) fn rotate(
+        map: &mut Table,
+        args: &RotateArgs<'_>,
+        now: u32,
+    ) -> (RotateReply, Option<Duration>) {
+        let Some(record) = map.get(args.sid).and_then(|bytes| Record::decode(bytes)) else {
+            let (_, ttl) = sweep(map, args.idle, now);
+            return (RotateReply::Unknown, ttl);
+        };
+        if record.ends(args.idle) <= now {
+            map.remove(args.sid);
+            let (_, ttl) = sweep(map, args.idle, now);
+            return (RotateReply::Ended, ttl);
+        }
+        if args.generation == record.generation {
+            if !ct_eq(&record.hash, args.presented) {
+                let (_, ttl) = sweep(map, args.idle, now);
+                return (RotateReply::Unknown, ttl);
+            }
+            let rotated = Record {
+                generation: record.generation + 1,
+                hash: *args.next,
+                last_used: now,
+                expires: now.saturating_add(args.ttl),
+                rotated: now,
+                ..record
+            };
+            map.insert(args.sid.to_owned(), rotated.encode());
+            let (_, ttl) = sweep(map, args.idle, now);
+            return (RotateReply::Rotated(rotated), ttl);
+        }
+        if args.generation + 1 == record.generation
+            && args.grace > 0
+            && now.saturating_sub(record.rotated) <= args.grace
+        {
+            let (_, ttl) = sweep(map, args.idle, now);
+            return (RotateReply::Grace(record), ttl);
+        }
+        if args.generation < record.generation {
+            map.remove(args.sid);
+            let (_, ttl) = sweep(map, args.idle, now);
+            return (RotateReply::Reused, ttl);
+        }
+        let (_, ttl) = sweep(map, args.idle, now);
+        (RotateReply::Unknown, ttl)
+    }
+
+    pub(super) fn revoke(
+        map: &mut Table,
+        sid: &str,
+        idle: u32,
+        now: u32,
+    ) -> (bool, Option<Duration>) {
+        let live = map
+            .remove(sid)
+            .and_then(|bytes| Record::decode(&bytes))
+            .is_some_and(|record| record.ends(idle) > now);
+        let (_, ttl) = sweep(map, idle, now);
+        (live, ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::derive(&[7u8; 32])
+    }
+
+    fn parts() -> TokenParts {
+        TokenParts {
+            user: "alice{1}:x".into(),
+            sid: [1; SID_LEN],
+            generation: 3,
+            expires: 2_000_000_000,
+            random: [9; RAND_LEN],
+        }
+    }
+
+    /// A token round-trips through its text form, URL-safe and of fixed binary size.
+    #[test]
+    fn token_round_trip() {
+        let keys = keys();
+        let token = keys.encode(&parts());
+        assert!(
+            token
+                .expose()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        );
+        let back = keys.decode(token.expose()).unwrap();
+        assert_eq!(back.user, "alice{1}:x");
+        assert_eq!(
+            (back.sid, back.generation, back.expires),
+            ([1; SID_LEN], 3, 2_000_000_000)
+        );
+        assert_eq!(back.random, [9; RAND_LEN]);
+        assert_eq!(format!("{token:?}"), "RefreshToken(..)");
+    }
+
+    /// Any change to a token's bytes, or another key, makes it unknown; junk is malformed.
+    #[test]
+    fn tampering_is_detected() {
+        let keys = keys();
+        let text = keys.encode(&parts()).into_string();
+        let (user, bin) = text.split_once('.').unwrap();
+        let mut raw = B64.decode(bin).unwrap();
+        for i in 0..raw.len() {
+            raw[i] ^= 1;
+            let forged = format!("{user}.{}", B64.encode(&raw));
+            let err = keys.decode(&forged).err().unwrap();
+            assert!(
+                matches!(err.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput),
+                "byte {i}"
+            );
+            raw[i] ^= 1;
+        }
+        let other_user = format!("{}.{bin}", B64.encode("bob"));
+        assert_eq!(
+            keys.decode(&other_user).err().unwrap().kind(),
+            ErrorKind::NotFound
+        );
+        let other_key = TokenKeys::derive(&[8u8; 32]);
+        assert_eq!(
+            other_key.decode(&text).err().unwrap().kind(),
+            ErrorKind::NotFound
+        );
+        for junk in [
+            "",
+            ".",
+            "abc",
+            "a.b.c",
+            &"x".repeat(600),
+            "\u{0}.\u{0}",
+            "YQ.####",
+        ] {
+            assert_eq!(
+                keys.decode(junk).err().unwrap().kind(),
+                ErrorKind::InvalidInput,
+                "{junk:?}"
+            );
+        }
+    }
+
+    /// The record layout round-trips and rejects truncated bytes.
+    #[test]
+    fn record_round_trip() {
+        let record = Record {
+            generation: 2,
+            hash: [3; HASH_LEN],
+            created: 10,
+            last_used: 20,
+            expires: 30,
+            rotated: 20,
+            device: "Firefox on Linux".into(),
+            metadata: br#"{"ip":"203.0.113.9"}"#.to_vec(),
+        };
+        let bytes = record.encode();
+        assert_eq!(Record::decode(&bytes), Some(record.clone()));
+        for len in 0..bytes.len() - record.metadata.len() {
+            assert!(Record::decode(&bytes[..len]).is_none(), "{len}");
+        }
+        assert_eq!(record.ends(0), 30);
+        assert_eq!(record.ends(5), 25);
+        assert_eq!(record.ends(50), 30);
+    }
+
+    /// Rounding of lifetimes never ends a session early.
+    #[test]
+    fn seconds_round_up() {
+        assert_eq!(secs_ceil(Duration::from_millis(1)), 1);
+        assert_eq!(secs_ceil(Duration::from_secs(2)), 2);
+        assert_eq!(secs_ceil(Duration::from_millis(2001)), 3);
+    }
+}

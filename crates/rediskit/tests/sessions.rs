@@ -1,0 +1,672 @@
+//! Sessions: the contract on both backends, then what only a real server shows.
+
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use rediskit::{Client, ErrorKind, Sessions};
+use rediskit_testkit::RedisServer;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+fn sessions(client: &Client) -> Sessions {
+    Sessions::new(client, SECRET).unwrap()
+}
+
+conformance!(
+    create_then_lookup,
+    rotate_replaces_the_token,
+    reuse_revokes_the_family,
+    concurrent_rotations_have_one_winner,
+    grace_window_gives_the_same_token,
+    revoke_one,
+    revoke_all_counts_and_ends_everything,
+    cap_evicts_the_oldest,
+    sessions_expire,
+    inactivity_ends_idle_sessions,
+    bad_input_and_forged_tokens,
+    users_with_special_characters_are_isolated,
+    another_secret_knows_no_token,
+);
+
+/// A new session's token looks it up; the session is listed with its device and metadata.
+async fn create_then_lookup(client: &Client) {
+    let store = sessions(client);
+    let metadata = serde_json::json!({"ip": "203.0.113.7"});
+    let issued = store
+        .create("alice", "Firefox on Linux", None, Some(&metadata))
+        .await
+        .unwrap();
+    let token = issued.token.expose();
+    assert!(
+        token.len() >= 43,
+        "at least 256 bits of randomness: {token}"
+    );
+    assert!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    );
+
+    let session = store.lookup(token).await.unwrap();
+    assert_eq!(session, issued.session);
+    assert_eq!(session.user_id, "alice");
+    assert_eq!(session.device, "Firefox on Linux");
+    assert_eq!(session.metadata, Some(metadata));
+    assert_eq!(session.generation, 0);
+    let lifetime = session
+        .expires_at
+        .duration_since(session.created_at)
+        .unwrap();
+    assert_eq!(lifetime, rediskit::DEFAULT_REFRESH_TTL);
+
+    let listed = store.sessions("alice").await.unwrap();
+    assert_eq!(listed, vec![session.clone()]);
+    assert_eq!(
+        store.session("alice", &session.session_id).await.unwrap(),
+        Some(session)
+    );
+    assert_eq!(store.sessions("bob").await.unwrap(), vec![]);
+    assert_eq!(store.stats().created, 1);
+}
+
+/// Rotation returns a new token for the same session; the new one works, generation counts up.
+async fn rotate_replaces_the_token(client: &Client) {
+    let store = sessions(client);
+    let first = store.create("alice", "phone", None, None).await.unwrap();
+    let second = store
+        .rotate(first.token.expose(), Some(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_ne!(first.token, second.token);
+    assert_eq!(second.session.session_id, first.session.session_id);
+    assert_eq!(second.session.generation, 1);
+    assert_eq!(second.session.created_at, first.session.created_at);
+    assert!(second.session.last_used_at >= first.session.last_used_at);
+    let left = second
+        .session
+        .expires_at
+        .duration_since(second.session.last_used_at)
+        .unwrap();
+    assert_eq!(left, Duration::from_secs(3600));
+    assert_eq!(
+        store.lookup(second.token.expose()).await.unwrap(),
+        second.session
+    );
+    let third = store.rotate(second.token.expose(), None).await.unwrap();
+    assert_eq!(third.session.generation, 2);
+    assert_eq!(store.sessions("alice").await.unwrap().len(), 1);
+}
+
+/// Presenting a rotated token again is reuse: `Reused`, and the whole family is revoked, so
+/// even the newest token stops working. Other sessions of the user are untouched.
+async fn reuse_revokes_the_family(client: &Client) {
+    let store = sessions(client);
+    let other = store.create("alice", "laptop", None, None).await.unwrap();
+    let first = store.create("alice", "phone", None, None).await.unwrap();
+    let second = store.rotate(first.token.expose(), None).await.unwrap();
+    let third = store.rotate(second.token.expose(), None).await.unwrap();
+
+    // A token two generations old is still recognised.
+    let err = store.rotate(first.token.expose(), None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Reused, "{err}");
+    let err = store.rotate(third.token.expose(), None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(
+        store.lookup(third.token.expose()).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.sessions("alice").await.unwrap(),
+        vec![other.session.clone()]
+    );
+    assert!(store.lookup(other.token.expose()).await.is_ok());
+    let stats = store.stats();
+    assert_eq!((stats.reuse_detected, stats.revoked), (1, 1));
+}
+
+/// 100 concurrent rotations of one token (grace 0): exactly one succeeds, every other is
+/// `Reused` or `NotFound`, and afterwards the family is revoked.
+async fn concurrent_rotations_have_one_winner(client: &Client) {
+    let store = sessions(client);
+    let issued = store.create("alice", "phone", None, None).await.unwrap();
+    let token = Arc::new(issued.token.into_string());
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let store = store.clone();
+            let token = token.clone();
+            tokio::spawn(async move { store.rotate(&token, None).await })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(issued) => winners.push(issued),
+            Err(err) => assert!(
+                matches!(err.kind(), ErrorKind::Reused | ErrorKind::NotFound),
+                "{err}"
+            ),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(
+        store
+            .lookup(winners[0].token.expose())
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound,
+        "the losers' reuse revoked the family"
+    );
+    assert_eq!(store.sessions("alice").await.unwrap(), vec![]);
+}
+
+/// With a grace window, a second refresh of the same token soon after gets the same new token
+/// instead of revoking the family.
+async fn grace_window_gives_the_same_token(client: &Client) {
+    let store = Sessions::builder(client, SECRET)
+        .grace(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let issued = store.create("alice", "phone", None, None).await.unwrap();
+    let a = store.rotate(issued.token.expose(), None).await.unwrap();
+    let b = store.rotate(issued.token.expose(), None).await.unwrap();
+    assert_eq!(a.token, b.token);
+    assert_eq!(a.session, b.session);
+    assert!(store.lookup(a.token.expose()).await.is_ok());
+    // Two generations back is reuse even within the window.
+    let c = store.rotate(a.token.expose(), None).await.unwrap();
+    let err = store.rotate(issued.token.expose(), None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Reused);
+    assert!(store.lookup(c.token.expose()).await.is_err());
+}
+
+/// Revoking one session ends it at once and reports whether it was live.
+async fn revoke_one(client: &Client) {
+    let store = sessions(client);
+    let a = store.create("alice", "a", None, None).await.unwrap();
+    let b = store.create("alice", "b", None, None).await.unwrap();
+    assert!(store.revoke("alice", &a.session.session_id).await.unwrap());
+    assert!(!store.revoke("alice", &a.session.session_id).await.unwrap());
+    assert!(
+        !store.revoke("bob", &b.session.session_id).await.unwrap(),
+        "not bob's"
+    );
+    assert!(!store.revoke("alice", "not-a-session-id").await.unwrap());
+    assert_eq!(
+        store.lookup(a.token.expose()).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.session("alice", &a.session.session_id).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.sessions("alice").await.unwrap(),
+        vec![b.session.clone()]
+    );
+    assert!(store.rotate(a.token.expose(), None).await.is_err());
+}
+
+/// `revoke_all` ends every session of the user and counts them; other users keep theirs; a
+/// session created afterwards works.
+async fn revoke_all_counts_and_ends_everything(client: &Client) {
+    let store = sessions(client);
+    let mut tokens = Vec::new();
+    for device in ["a", "b", "c"] {
+        tokens.push(
+            store
+                .create("alice", device, None, None)
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    let bob = store.create("bob", "x", None, None).await.unwrap();
+    assert_eq!(store.revoke_all("alice").await.unwrap(), 3);
+    assert_eq!(store.revoke_all("alice").await.unwrap(), 0);
+    for token in &tokens {
+        assert_eq!(
+            store.lookup(token.expose()).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+    assert_eq!(store.sessions("alice").await.unwrap(), vec![]);
+    assert!(store.lookup(bob.token.expose()).await.is_ok());
+    let again = store.create("alice", "d", None, None).await.unwrap();
+    assert!(store.lookup(again.token.expose()).await.is_ok());
+}
+
+/// Past the per-user cap the oldest session is evicted.
+async fn cap_evicts_the_oldest(client: &Client) {
+    let store = Sessions::builder(client, SECRET)
+        .max_sessions(3)
+        .build()
+        .unwrap();
+    let mut issued = Vec::new();
+    for device in ["1", "2", "3"] {
+        issued.push(store.create("alice", device, None, None).await.unwrap());
+        // Distinct creation seconds make "oldest" unambiguous.
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+    }
+    let fourth = store.create("alice", "4", None, None).await.unwrap();
+    assert_eq!(fourth.evicted, 1);
+    let devices: Vec<String> = store
+        .sessions("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.device)
+        .collect();
+    assert_eq!(devices, vec!["2", "3", "4"]);
+    assert!(store.lookup(issued[0].token.expose()).await.is_err());
+}
+
+/// A session with a 1 s lifetime disappears from lookup and listing; a longer one stays.
+async fn sessions_expire(client: &Client) {
+    let store = sessions(client);
+    let brief = store
+        .create("alice", "brief", Some(Duration::from_secs(1)), None)
+        .await
+        .unwrap();
+    let long = store
+        .create("alice", "long", Some(Duration::from_secs(60)), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = store.lookup(brief.token.expose()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Expired, "{err}");
+    assert_eq!(
+        store
+            .rotate(brief.token.expose(), None)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Expired
+    );
+    assert_eq!(
+        store.sessions("alice").await.unwrap(),
+        vec![long.session.clone()]
+    );
+    assert_eq!(
+        store
+            .session("alice", &brief.session.session_id)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.revoke_all("alice").await.unwrap(),
+        1,
+        "only the live one counts"
+    );
+}
+
+/// With an inactivity timeout, a session not rotated in time ends; rotating keeps it alive.
+async fn inactivity_ends_idle_sessions(client: &Client) {
+    // Times have one-second resolution: the sleeps keep a full second of margin either way.
+    let store = Sessions::builder(client, SECRET)
+        .inactivity_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let idle = store.create("alice", "idle", None, None).await.unwrap();
+    let busy = store.create("alice", "busy", None, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let busy = store.rotate(busy.token.expose(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(store.lookup(idle.token.expose()).await.is_err());
+    assert!(store.lookup(busy.token.expose()).await.is_ok());
+    assert_eq!(store.sessions("alice").await.unwrap().len(), 1);
+}
+
+/// Bad user ids, devices, metadata and token text are `InvalidInput`; a forged token is
+/// `NotFound`; nothing is written.
+async fn bad_input_and_forged_tokens(client: &Client) {
+    let store = sessions(client);
+    let long_user = "u".repeat(rediskit::MAX_USER_ID_LEN + 1);
+    for user in ["", "a\nb", "nul\0", long_user.as_str()] {
+        let err = store.create(user, "d", None, None).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{user:?}");
+    }
+    let long_device = "d".repeat(rediskit::MAX_DEVICE_LEN + 1);
+    assert!(
+        store
+            .create("alice", &long_device, None, None)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        store
+            .create("alice", "a\u{7}", None, None)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    let big = serde_json::json!({"blob": "x".repeat(2000)});
+    assert!(
+        store
+            .create("alice", "d", None, Some(&big))
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert!(
+        store
+            .create("alice", "d", Some(Duration::ZERO), None)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+    assert_eq!(store.sessions("alice").await.unwrap(), vec![]);
+
+    for junk in ["", "garbage", "a.b", "ünï.cödé", &"x".repeat(10_000)] {
+        assert_eq!(
+            store.lookup(junk).await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            store.rotate(junk, None).await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+    }
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    let (user, bin) = issued.token.expose().split_once('.').unwrap();
+    let mut raw = B64.decode(bin).unwrap();
+    raw[30] ^= 0x40;
+    let forged = format!("{user}.{}", B64.encode(&raw));
+    assert_eq!(
+        store.lookup(&forged).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.rotate(&forged, None).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert!(
+        store.lookup(issued.token.expose()).await.is_ok(),
+        "the forgery changed nothing"
+    );
+    assert!(Sessions::new(client, "too short").unwrap_err().kind() == ErrorKind::Config);
+}
+
+/// User ids with hash-tag, glob and separator characters get keys of their own: one user's
+/// operations never reach another's sessions.
+async fn users_with_special_characters_are_isolated(client: &Client) {
+    let store = sessions(client);
+    let users = ["a{b}", "a%7Bb%7D", "a:b", "a*", "a", "{a}", "ü"];
+    for user in users {
+        store.create(user, user, None, None).await.unwrap();
+    }
+    for user in users {
+        let listed = store.sessions(user).await.unwrap();
+        assert_eq!(listed.len(), 1, "{user}");
+        assert_eq!(listed[0].device, user);
+    }
+    assert_eq!(store.revoke_all("a*").await.unwrap(), 1);
+    assert_eq!(store.sessions("a").await.unwrap().len(), 1);
+}
+
+/// Tokens issued under one secret are unknown under another.
+async fn another_secret_knows_no_token(client: &Client) {
+    let store = sessions(client);
+    let other = Sessions::new(client, "another-secret-of-at-least-32-bytes!!").unwrap();
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    assert_eq!(
+        other
+            .lookup(issued.token.expose())
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        other
+            .rotate(issued.token.expose(), None)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert!(store.lookup(issued.token.expose()).await.is_ok());
+}
+
+// ---- Redis only ----
+
+fn admin_cmd<T: redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.query(&mut server.admin()).unwrap()
+}
+
+/// `revoke_all` racing 1,000 concurrent `create`s: every create that returned before the revoke
+/// began is revoked, and every session is either revoked (counted) or survives (listed and
+/// usable) — none is lost or half-revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_all_races_creates() {
+    let backend = common::Backend::redis().await;
+    let store = Sessions::builder(&backend.client, SECRET)
+        .max_sessions(10_000)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let creates: Vec<_> = (0..1000)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let issued = store
+                    .create("alice", &format!("d{i}"), None, None)
+                    .await
+                    .unwrap();
+                (issued, started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let revoke_began = started.elapsed();
+    let revoked = store.revoke_all("alice").await.unwrap();
+    let mut outcomes = Vec::new();
+    for task in creates {
+        outcomes.push(task.await.unwrap());
+    }
+    let listed: HashSet<String> = store
+        .sessions("alice")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    let mut survivors = 0;
+    for (issued, returned_at) in &outcomes {
+        let alive = store.lookup(issued.token.expose()).await.is_ok();
+        assert_eq!(
+            alive,
+            listed.contains(&issued.session.session_id),
+            "listing agrees with lookup"
+        );
+        if alive {
+            survivors += 1;
+            assert!(
+                *returned_at >= revoke_began,
+                "a session created before revoke_all survived it"
+            );
+        }
+    }
+    assert_eq!(
+        revoked + survivors,
+        1000,
+        "revoked {revoked}, survived {survivors}"
+    );
+    eprintln!("revoke_all removed {revoked}; {survivors} were created after it");
+}
+
+/// No refresh token, nor its random part, is stored anywhere in Redis: every key and value is
+/// scanned after logins and rotations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_token_in_redis() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = sessions(&backend.client);
+    let mut tokens = Vec::new();
+    for user in ["alice", "bob"] {
+        let issued = store.create(user, "device", None, None).await.unwrap();
+        let rotated = store.rotate(issued.token.expose(), None).await.unwrap();
+        tokens.push(issued.token.into_string());
+        tokens.push(rotated.token.into_string());
+    }
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    for token in &tokens {
+        let (_, bin) = token.split_once('.').unwrap();
+        let raw = B64.decode(bin).unwrap();
+        needles.push(token.as_bytes().to_vec());
+        needles.push(bin.as_bytes().to_vec());
+        needles.push(raw[21..53].to_vec()); // the 256 random bits
+        needles.push(raw[21..37].to_vec()); // and any half of them
+        needles.push(raw[37..53].to_vec());
+    }
+    let mut admin = server.admin();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).unwrap();
+    assert!(!keys.is_empty());
+    let mut haystack: Vec<Vec<u8>> = Vec::new();
+    for key in &keys {
+        haystack.push(key.as_bytes().to_vec());
+        let kind: String = redis::cmd("TYPE").arg(key).query(&mut admin).unwrap();
+        match kind.as_str() {
+            "hash" => {
+                let fields: Vec<Vec<u8>> =
+                    redis::cmd("HGETALL").arg(key).query(&mut admin).unwrap();
+                haystack.extend(fields);
+            }
+            "string" => haystack.push(redis::cmd("GET").arg(key).query(&mut admin).unwrap()),
+            other => panic!("unexpected type {other} at {key}"),
+        }
+    }
+    for needle in &needles {
+        for hay in &haystack {
+            assert!(
+                !hay.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "a token secret is stored in Redis"
+            );
+        }
+    }
+}
+
+/// One hash per user, hash-tagged on the escaped user id, expiring with its last session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_layout() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = sessions(&backend.client);
+    store
+        .create("al{i}ce", "d", Some(Duration::from_secs(100)), None)
+        .await
+        .unwrap();
+    store
+        .create("al{i}ce", "d", Some(Duration::from_secs(500)), None)
+        .await
+        .unwrap();
+    let keys: Vec<String> = admin_cmd(server, &["KEYS", "*"]);
+    assert_eq!(keys, vec!["rk:s:{al%7Bi%7Dce}"]);
+    let ttl: i64 = admin_cmd(server, &["TTL", "rk:s:{al%7Bi%7Dce}"]);
+    assert!(
+        (495..=500).contains(&ttl),
+        "the key lives as long as its longest session: {ttl}"
+    );
+    let encoding: String = admin_cmd(server, &["OBJECT", "ENCODING", "rk:s:{al%7Bi%7Dce}"]);
+    assert_eq!(encoding, "listpack");
+}
+
+/// Redis forgetting its scripts (`SCRIPT FLUSH`, as after a restart) is invisible to callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_reload_after_noscript() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = sessions(&backend.client);
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    let _: () = admin_cmd(server, &["SCRIPT", "FLUSH"]);
+    let rotated = store.rotate(issued.token.expose(), None).await.unwrap();
+    let _: () = admin_cmd(server, &["SCRIPT", "FLUSH"]);
+    assert_eq!(store.revoke_all("alice").await.unwrap(), 1);
+    assert!(store.lookup(rotated.token.expose()).await.is_err());
+}
+
+/// With Redis down every session operation is `unavailable` — never "not found", never a
+/// session — and works again when Redis returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_closed_when_redis_is_down() {
+    let mut backend = common::Backend::redis().await;
+    let store = sessions(&backend.client);
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    let token = issued.token.expose();
+    backend.server.as_mut().unwrap().kill();
+    let errors = [
+        store.lookup(token).await.unwrap_err(),
+        store.rotate(token, None).await.unwrap_err(),
+        store.create("alice", "d", None, None).await.unwrap_err(),
+        store
+            .revoke("alice", &issued.session.session_id)
+            .await
+            .unwrap_err(),
+        store.revoke_all("alice").await.unwrap_err(),
+        store.sessions("alice").await.unwrap_err(),
+        store
+            .session("alice", &issued.session.session_id)
+            .await
+            .unwrap_err(),
+    ];
+    for err in errors {
+        assert!(err.is_unavailable(), "{err}");
+    }
+    backend.server.as_mut().unwrap().restart();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.create("alice", "d", None, None).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert!(err.is_unavailable() && Instant::now() < deadline, "{err}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The memory target: Redis memory per live session, as the growth of `used_memory` over 1,000
+/// logins of 1,000 users, divided by 1,000. Must be at most 400 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_session() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = sessions(&backend.client);
+    let used = || -> i64 {
+        let info: String = admin_cmd(server, &["INFO", "memory"]);
+        info.lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // Warm up allocator and script cache so they don't count against the sessions.
+    store.create("warm-up", "d", None, None).await.unwrap();
+    store.revoke_all("warm-up").await.unwrap();
+    let before = used();
+    for i in 0..1000 {
+        let user = format!("user-{i:06}");
+        store
+            .create(&user, "Firefox 132 on Windows 11", None, None)
+            .await
+            .unwrap();
+    }
+    let per_session = (used() - before) / 1000;
+    eprintln!("memory per session: {per_session} bytes");
+    assert!(per_session <= 400, "{per_session} bytes per session");
+}
