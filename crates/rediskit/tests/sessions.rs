@@ -667,6 +667,33 @@ async fn memory_per_session() {
             .unwrap();
     }
     let per_session = (used() - before) / 1000;
-    eprintln!("memory per session: {per_session} bytes");
+
+    // The original module's layout, for comparison: a JSON string per token plus a set per user.
+    let mut admin = server.admin();
+    let before = used();
+    for i in 0..1000 {
+        let hash = format!("{:064x}", i * 7919 + 13);
+        let json = format!(
+            r#"{{"user_id": "legacy-{i:06}", "created_at": "2026-11-25T17:11:36.123456", "expires_at": "2026-12-25T17:11:36.123456"}}"#
+        );
+        let _: () = redis::pipe()
+            .cmd("SETEX")
+            .arg(format!("refresh_token:{hash}"))
+            .arg(2_592_000)
+            .arg(json)
+            .ignore()
+            .cmd("SADD")
+            .arg(format!("user_tokens:legacy-{i:06}"))
+            .arg(&hash)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(format!("user_tokens:legacy-{i:06}"))
+            .arg(2_592_000)
+            .ignore()
+            .query(&mut admin)
+            .unwrap();
+    }
+    let original = (used() - before) / 1000;
+    eprintln!("memory per session: rediskit {per_session} bytes, the original layout {original}");
     assert!(per_session <= 400, "{per_session} bytes per session");
 }
