@@ -59,6 +59,8 @@ pub struct ClientStats {
     pub timeouts: u64,
     /// Commands in flight now.
     pub in_flight: usize,
+    /// How long commands took, failures included.
+    pub latency: LatencyHistogram,
 }
 
 /// The answer of [`Client::health`].
@@ -120,7 +122,58 @@ struct Inner {
     errors: AtomicU64,
     timeouts: AtomicU64,
     in_flight: AtomicUsize,
+    latency: Latency,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Upper bounds of the command-latency histogram buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// A lock-free latency histogram: one atomic add per bucket hit, so it can sit on every command.
+#[derive(Debug, Default)]
+struct Latency {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    fn record(&self, elapsed: Duration) {
+        let us = elapsed.as_micros() as u64;
+        if let Some(bucket) = LATENCY_BUCKETS_US.iter().position(|&le| us <= le) {
+            self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> LatencyHistogram {
+        let mut cumulative = 0;
+        let mut buckets = [0; LATENCY_BUCKETS_US.len()];
+        for (out, bucket) in buckets.iter_mut().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            *out = cumulative;
+        }
+        LatencyHistogram {
+            buckets,
+            count: self.count.load(Ordering::Relaxed),
+            sum: Duration::from_micros(self.sum_us.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Command latencies since the handle was created, Prometheus-style (cumulative buckets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct LatencyHistogram {
+    /// `buckets[i]`: commands that took at most [`LATENCY_BUCKETS_US`]`[i]` µs.
+    pub buckets: [u64; LATENCY_BUCKETS_US.len()],
+    /// All commands measured.
+    pub count: u64,
+    /// Their total time.
+    pub sum: Duration,
 }
 
 impl Drop for Inner {
@@ -218,6 +271,7 @@ impl Client {
             errors: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            latency: Latency::default(),
             health_task: std::sync::Mutex::new(None),
             config,
         });
@@ -271,6 +325,7 @@ impl Client {
             errors: self.inner.errors.load(Ordering::Relaxed),
             timeouts: self.inner.timeouts.load(Ordering::Relaxed),
             in_flight: self.inner.in_flight.load(Ordering::Relaxed),
+            latency: self.inner.latency.snapshot(),
         }
     }
 
@@ -388,7 +443,10 @@ impl Client {
         };
         inner.commands.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.config.command_timeout;
-        let outcome = match tokio::time::timeout(deadline, call(slot.connection.clone())).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(deadline, call(slot.connection.clone())).await;
+        inner.latency.record(started.elapsed());
+        let outcome = match result {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(err)) => Error::from(err),
             Err(_) => Error::timeout(what, deadline),
@@ -409,7 +467,47 @@ impl Client {
         Ok(self.inner.memory.as_ref())
     }
 
-    pub(crate) fn key_prefix(&self) -> &str {
+    /// Sends every rediskit script to Redis now (`SCRIPT LOAD`), so the first calls after start-up
+    /// need no retry. Optional: scripts also load on first use and after `NOSCRIPT`.
+    pub async fn load_scripts(&self) -> Result<()> {
+        if self.memory()?.is_some() {
+            return Ok(());
+        }
+        for script in crate::scripts::all() {
+            self.run("SCRIPT LOAD", |mut c| async move {
+                script.prepare_invoke().load_async(&mut c).await.map(|_| ())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Low level: the bytes at `key` exactly as given (no prefix added), for data rediskit does
+    /// not model. Bounded by the command deadline like every call.
+    pub async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.get(key).await
+    }
+
+    /// Low level: writes `value` at `key` (as given, no prefix added, no expiry) only if the key
+    /// does not exist (`SET NX`); true if written. The atomic "first one wins" of registrations.
+    pub async fn set_bytes_if_absent(&self, key: &str, value: &[u8]) -> Result<bool> {
+        if let Some(memory) = self.memory()? {
+            return Ok(memory.set_if_absent(key, value.to_vec()));
+        }
+        self.run("SET NX", |mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("NX")
+                .query_async::<Option<String>>(&mut c)
+                .await
+                .map(|reply| reply.is_some())
+        })
+        .await
+    }
+
+    /// The configured key prefix, for callers building their own keys beside rediskit's.
+    pub fn key_prefix(&self) -> &str {
         &self.inner.config.key_prefix
     }
 

@@ -55,6 +55,8 @@
 //! - `ratelimit` — [`RateLimiter`]: GCRA in one atomic script, with a failure policy.
 //! - `memory` — the embedded `memory://` backend.
 //! - `scripts` — server-side Lua, run by SHA.
+//! - [`web`] (feature `axum`) — access tokens, the authenticated-session extractor, health router,
+//!   rate-limit layer, problem documents.
 
 mod cache;
 mod client;
@@ -66,11 +68,15 @@ mod memory;
 mod ratelimit;
 mod scripts;
 mod tokens;
+#[cfg(feature = "axum")]
+pub mod web;
 
 #[doc(inline)]
 pub use cache::{Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_NAMESPACE, Lookup, ttl};
 #[doc(inline)]
-pub use client::{BackendKind, Client, ClientStats, Health, PoolStats};
+pub use client::{
+    BackendKind, Client, ClientStats, Health, LATENCY_BUCKETS_US, LatencyHistogram, PoolStats,
+};
 #[doc(inline)]
 pub use codec::{DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_MAX_VALUE_SIZE, DecodeError};
 #[doc(inline)]

@@ -92,6 +92,24 @@ impl MemoryStore {
         self.after_write(&mut map, now);
     }
 
+    /// `SET NX` without expiry: true if the key was absent (or expired) and is now written.
+    pub(crate) fn set_if_absent(&self, key: &str, value: Vec<u8>) -> bool {
+        let now = Instant::now();
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|entry| entry.live(now)) {
+            return false;
+        }
+        map.insert(
+            key.to_owned(),
+            Entry {
+                value: Value::Bytes(value),
+                expires_at: None,
+            },
+        );
+        self.after_write(&mut map, now);
+        true
+    }
+
     pub(crate) fn set_many(&self, items: &[(String, Vec<u8>)], ttl: Duration) {
         let now = Instant::now();
         let mut map = self.lock();

@@ -31,3 +31,15 @@ session_script!(SESSION_REVOKE_ALL, "session_revoke_all.lua");
 /// `gcra.lua`: one rate-limit decision.
 pub(crate) static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
+
+/// Every script, for [`Client::load_scripts`](crate::Client::load_scripts).
+pub(crate) fn all() -> [&'static redis::Script; 6] {
+    [
+        &DEL_IF_EQUALS,
+        &SESSION_CREATE,
+        &SESSION_ROTATE,
+        &SESSION_REVOKE,
+        &SESSION_REVOKE_ALL,
+        &GCRA,
+    ]
+}
