@@ -68,7 +68,7 @@ pub struct Problem {
     #[serde(rename = "type")]
     pub kind: String,
     /// A short summary of the kind of problem.
-    pub title: String,
+    pub title: &'static str,
     /// The HTTP status.
     pub status: u16,
     /// What was wrong with this request.
@@ -78,10 +78,10 @@ pub struct Problem {
     pub retry_after: Option<u64>,
     /// Extra headers (rate-limit figures).
     #[serde(skip)]
-    pub headers: HeaderMap,
+    pub headers: Option<Box<HeaderMap>>,
     /// What went wrong inside, for the logs only.
     #[serde(skip)]
-    pub internal: Option<String>,
+    pub internal: Option<Box<str>>,
 }
 
 /// The internal cause of an error response, attached as a response extension for logging.
@@ -91,15 +91,15 @@ pub struct InternalError(pub String);
 impl Problem {
     /// A problem with `status`, a title from the status, and `detail`.
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        let title = status.canonical_reason().unwrap_or("Error").to_owned();
+        let title = status.canonical_reason().unwrap_or("Error");
         let slug = title.to_ascii_lowercase().replace([' ', '\''], "-");
         Self {
-            kind: format!("https://rediskit.dev/problems/{slug}"),
+            kind: format!("urn:rediskit:problem:{slug}"),
             title,
             status: status.as_u16(),
             detail: detail.into(),
             retry_after: None,
-            headers: HeaderMap::new(),
+            headers: None,
             internal: None,
         }
     }
@@ -112,13 +112,13 @@ impl Problem {
 
     /// Adds the internal cause, for the logs.
     pub fn with_internal(mut self, internal: impl std::fmt::Display) -> Self {
-        self.internal = Some(internal.to_string());
+        self.internal = Some(internal.to_string().into_boxed_str());
         self
     }
 
     /// Adds headers to the response.
     pub fn with_headers(mut self, headers: HeaderMap) -> Self {
-        self.headers.extend(headers);
+        self.headers.get_or_insert_default().extend(headers);
         self
     }
 
@@ -150,9 +150,11 @@ impl IntoResponse for Problem {
         if let Some(seconds) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
-        headers.extend(self.headers);
+        if let Some(extra) = self.headers {
+            headers.extend(*extra);
+        }
         if let Some(internal) = self.internal {
-            response.extensions_mut().insert(InternalError(internal));
+            response.extensions_mut().insert(InternalError(internal.into()));
         }
         response
     }
@@ -257,8 +259,12 @@ impl AccessTokens {
             exp: now + self.inner.ttl.as_secs(),
             jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.inner.encoding)
-            .map_err(|err| Error::new(ErrorKind::InvalidInput, format!("cannot sign token: {err}")))
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.inner.encoding,
+        )
+        .map_err(|err| Error::new(ErrorKind::InvalidInput, format!("cannot sign token: {err}")))
     }
 
     /// The claims of a valid token: right signature and algorithm, not expired, not early, with
@@ -270,7 +276,10 @@ impl AccessTokens {
                     Error::new(ErrorKind::NotFound, format!("invalid access token: {err}"))
                 })?;
         if data.claims.sid.is_empty() {
-            return Err(Error::new(ErrorKind::NotFound, "access token without a session"));
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "access token without a session",
+            ));
         }
         Ok(data.claims)
     }
@@ -334,10 +343,10 @@ impl IntoResponse for AuthRejection {
             AuthRejection::Missing => Problem::unauthorized(
                 "missing `Authorization: Bearer <access token>` header; log in to get a token",
             ),
-            AuthRejection::Invalid(err) => {
-                Problem::unauthorized("the access token is invalid or expired, or its session has ended")
-                    .with_internal(err)
-            }
+            AuthRejection::Invalid(err) => Problem::unauthorized(
+                "the access token is invalid or expired, or its session has ended",
+            )
+            .with_internal(err),
             AuthRejection::Unavailable(err) => Problem::unavailable(&err),
         };
         let mut response = problem.into_response();

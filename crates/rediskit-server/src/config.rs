@@ -1,0 +1,237 @@
+//! The service's configuration: the Redis variables of the library plus the service's own.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::RngCore;
+use rediskit::{Config, Secret};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8080";
+/// Default access-token lifetime.
+pub const DEFAULT_ACCESS_TOKEN_TTL_SECS: u64 = 900;
+/// Default refresh-token lifetime (30 days).
+pub const DEFAULT_REFRESH_TOKEN_TTL_SECS: u64 = 2_592_000;
+/// Default cost of the demo computation.
+pub const DEFAULT_DEMO_COMPUTE_MS: u64 = 50;
+/// Default login attempts per minute per username and address.
+pub const DEFAULT_RATE_LIMIT_LOGIN_PER_MIN: u32 = 10;
+/// Default requests per minute per address on the other `/auth/*` routes.
+pub const DEFAULT_RATE_LIMIT_AUTH_PER_MIN: u32 = 100;
+/// Shortest accepted `JWT_SECRET`.
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+/// Everything `rediskit serve` needs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServiceConfig {
+    /// Redis.
+    pub redis: Config,
+    /// True when a Redis was configured (`REDIS_URL`, or production): then the service never
+    /// falls back to the embedded backend.
+    pub redis_configured: bool,
+    /// `LISTEN_ADDR`. Default: 127.0.0.1:8080.
+    pub listen: SocketAddr,
+    /// `JWT_SECRET`: signs access tokens and keys refresh-token MACs.
+    pub jwt_secret: Secret,
+    /// True when `JWT_SECRET` was missing and a random one was generated (development only).
+    pub jwt_secret_generated: bool,
+    /// `ACCESS_TOKEN_TTL_SECS`. Default: 900.
+    pub access_ttl: Duration,
+    /// `REFRESH_TOKEN_TTL_SECS`. Default: 2592000.
+    pub refresh_ttl: Duration,
+    /// `DEMO_COMPUTE_MS`. Default: 50.
+    pub demo_compute: Duration,
+    /// `RATE_LIMIT_LOGIN_PER_MIN`. Default: 10.
+    pub login_per_min: u32,
+    /// `RATE_LIMIT_AUTH_PER_MIN`. Default: 100.
+    pub auth_per_min: u32,
+    /// `TRUST_FORWARDED_FOR`. Default: false.
+    pub trust_forwarded_for: bool,
+}
+
+/// A configuration error: the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ServiceConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`; empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let redis =
+            Config::from_lookup(&lookup).map_err(|err| ConfigError(err.message().into()))?;
+        let production = redis.environment.is_production();
+        let redis_configured = production || get("REDIS_URL").is_some();
+
+        let listen_text = get("LISTEN_ADDR").unwrap_or_else(|| DEFAULT_LISTEN_ADDR.to_owned());
+        let listen = listen_text.trim().parse().map_err(|_| {
+            ConfigError(format!(
+                "LISTEN_ADDR: expected an address like 127.0.0.1:8080, got `{listen_text}`"
+            ))
+        })?;
+
+        let (jwt_secret, jwt_secret_generated) = match get("JWT_SECRET") {
+            Some(secret) if secret.len() >= MIN_JWT_SECRET_LEN => (Secret::new(secret), false),
+            Some(secret) => {
+                return Err(ConfigError(format!(
+                    "JWT_SECRET: must be at least {MIN_JWT_SECRET_LEN} bytes, got {}",
+                    secret.len()
+                )));
+            }
+            None if production => {
+                return Err(ConfigError(format!(
+                    "JWT_SECRET: required in production (at least {MIN_JWT_SECRET_LEN} random \
+                     bytes, e.g. `openssl rand -base64 48`)"
+                )));
+            }
+            None => {
+                let mut bytes = [0u8; 32];
+                rand::rng().fill_bytes(&mut bytes);
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                (Secret::new(hex), true)
+            }
+        };
+
+        let secs = |name: &str, default: u64, min: u64, max: u64| -> Result<u64, ConfigError> {
+            number(&get, name, default, min, max)
+        };
+        let access_ttl = Duration::from_secs(secs(
+            "ACCESS_TOKEN_TTL_SECS",
+            DEFAULT_ACCESS_TOKEN_TTL_SECS,
+            1,
+            86_400,
+        )?);
+        let refresh_ttl = Duration::from_secs(secs(
+            "REFRESH_TOKEN_TTL_SECS",
+            DEFAULT_REFRESH_TOKEN_TTL_SECS,
+            1,
+            10 * 365 * 86_400,
+        )?);
+        let demo_compute =
+            Duration::from_millis(secs("DEMO_COMPUTE_MS", DEFAULT_DEMO_COMPUTE_MS, 0, 60_000)?);
+        let login_per_min = secs(
+            "RATE_LIMIT_LOGIN_PER_MIN",
+            u64::from(DEFAULT_RATE_LIMIT_LOGIN_PER_MIN),
+            1,
+            1_000_000,
+        )? as u32;
+        let auth_per_min = secs(
+            "RATE_LIMIT_AUTH_PER_MIN",
+            u64::from(DEFAULT_RATE_LIMIT_AUTH_PER_MIN),
+            1,
+            1_000_000,
+        )? as u32;
+        let trust_forwarded_for =
+            match get("TRUST_FORWARDED_FOR").map(|v| v.trim().to_ascii_lowercase()) {
+                None => false,
+                Some(v) if matches!(v.as_str(), "true" | "1" | "yes") => true,
+                Some(v) if matches!(v.as_str(), "false" | "0" | "no") => false,
+                Some(v) => {
+                    return Err(ConfigError(format!(
+                        "TRUST_FORWARDED_FOR: expected true or false, got `{v}`"
+                    )));
+                }
+            };
+        Ok(Self {
+            redis,
+            redis_configured,
+            listen,
+            jwt_secret,
+            jwt_secret_generated,
+            access_ttl,
+            refresh_ttl,
+            demo_compute,
+            login_per_min,
+            auth_per_min,
+            trust_forwarded_for,
+        })
+    }
+}
+
+fn number(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let Some(text) = get(name) else {
+        return Ok(default);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(value) if (min..=max).contains(&value) => Ok(value),
+        _ => Err(ConfigError(format!(
+            "{name}: expected a whole number between {min} and {max}, got `{}`",
+            text.trim()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<ServiceConfig, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServiceConfig::from_lookup(|name| map.get(name).cloned())
+    }
+
+    /// The defaults of HTTP_API.md, and a generated secret in development.
+    #[test]
+    fn defaults() {
+        let config = from(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.access_ttl, Duration::from_secs(900));
+        assert_eq!(config.refresh_ttl, Duration::from_secs(2_592_000));
+        assert_eq!(config.demo_compute, Duration::from_millis(50));
+        assert_eq!((config.login_per_min, config.auth_per_min), (10, 100));
+        assert!(!config.trust_forwarded_for);
+        assert!(config.jwt_secret_generated);
+        assert!(config.jwt_secret.expose().len() >= 32);
+        assert!(!config.redis_configured);
+    }
+
+    /// Production needs a real secret; a short one is refused anywhere.
+    #[test]
+    fn secrets() {
+        let err = from(&[("ENVIRONMENT", "production")]).unwrap_err();
+        assert!(err.0.starts_with("JWT_SECRET"), "{err}");
+        let err = from(&[("JWT_SECRET", "short")]).unwrap_err();
+        assert!(err.0.starts_with("JWT_SECRET"), "{err}");
+        let config = from(&[
+            ("ENVIRONMENT", "production"),
+            ("JWT_SECRET", &"k".repeat(32)),
+        ])
+        .unwrap();
+        assert!(config.redis_configured);
+        assert!(!config.jwt_secret_generated);
+    }
+
+    /// A bad value names its variable.
+    #[test]
+    fn bad_values() {
+        for (name, value) in [
+            ("LISTEN_ADDR", "nowhere"),
+            ("ACCESS_TOKEN_TTL_SECS", "0"),
+            ("REFRESH_TOKEN_TTL_SECS", "x"),
+            ("DEMO_COMPUTE_MS", "-1"),
+            ("RATE_LIMIT_LOGIN_PER_MIN", "0"),
+            ("RATE_LIMIT_AUTH_PER_MIN", "lots"),
+            ("TRUST_FORWARDED_FOR", "maybe"),
+            ("REDIS_COMMAND_TIMEOUT_MS", "0"),
+        ] {
+            let err = from(&[(name, value)]).unwrap_err();
+            assert!(err.0.contains(name), "{name}: {err}");
+        }
+    }
+}
