@@ -154,7 +154,9 @@ impl IntoResponse for Problem {
             headers.extend(*extra);
         }
         if let Some(internal) = self.internal {
-            response.extensions_mut().insert(InternalError(internal.into()));
+            response
+                .extensions_mut()
+                .insert(InternalError(internal.into()));
         }
         response
     }
