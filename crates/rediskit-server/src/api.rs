@@ -22,8 +22,10 @@ use crate::users::UserError;
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RegisterBody {
     /// 1–64 characters of `A-Z a-z 0-9 _ . @ -`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub username: String,
     /// 8–256 bytes.
+    #[schema(min_length = 8, max_length = 256)]
     pub password: String,
 }
 
@@ -36,6 +38,7 @@ pub struct LoginBody {
     pub password: String,
     /// Free text naming the device, at most 128 characters; default: the `User-Agent`.
     #[serde(default)]
+    #[schema(max_length = 128)]
     pub device: Option<String>,
 }
 
