@@ -86,8 +86,9 @@ async fn sessions_list_and_revoke() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0]["device"], "laptop");
+    let mut devices: Vec<&str> = lines.iter().map(|l| l["device"].as_str().unwrap()).collect();
+    devices.sort();
+    assert_eq!(devices, vec!["laptop", "phone"]);
 
     let id = first.session.session_id.clone();
     let url2 = url.clone();
