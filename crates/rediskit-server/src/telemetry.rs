@@ -93,6 +93,11 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     absolute("redis_commands_total", client.commands);
     absolute("redis_command_errors_total", client.errors);
     absolute("redis_command_timeouts_total", client.timeouts);
+    absolute("redis_breaker_trips_total", client.breaker_trips);
+    absolute("redis_breaker_rejected_total", client.breaker_rejected);
+    metrics::gauge!("redis_breaker_open").set(f64::from(u8::from(
+        client.breaker != rediskit::BreakerState::Closed,
+    )));
     metrics::gauge!("redis_pool_connections").set(client.pool.max as f64);
     metrics::gauge!("redis_pool_in_use").set(client.pool.in_use as f64);
     metrics::gauge!("redis_commands_in_flight").set(client.in_flight as f64);

@@ -86,7 +86,10 @@ async fn sessions_list_and_revoke() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let mut devices: Vec<&str> = lines.iter().map(|l| l["device"].as_str().unwrap()).collect();
+    let mut devices: Vec<&str> = lines
+        .iter()
+        .map(|l| l["device"].as_str().unwrap())
+        .collect();
     devices.sort();
     assert_eq!(devices, vec!["laptop", "phone"]);
 

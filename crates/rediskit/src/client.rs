@@ -8,8 +8,9 @@ use arc_swap::ArcSwapOption;
 use futures_util::Stream;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::breaker::{Breaker, BreakerState};
 use crate::config::{Config, Scheme, redact_url};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::memory::MemoryStore;
 
 /// Which kind of server a [`Client`] talks to.
@@ -61,6 +62,12 @@ pub struct ClientStats {
     pub in_flight: usize,
     /// How long commands took, failures included.
     pub latency: LatencyHistogram,
+    /// The circuit breaker now.
+    pub breaker: BreakerState,
+    /// Times the circuit opened.
+    pub breaker_trips: u64,
+    /// Calls failed fast by the open circuit (not counted in `commands`).
+    pub breaker_rejected: u64,
 }
 
 /// The answer of [`Client::health`].
@@ -77,6 +84,8 @@ pub struct Health {
     pub pool: PoolStats,
     /// Why it is not ok, for people.
     pub error: Option<String>,
+    /// The circuit breaker (health pings bypass it: they report what Redis does now).
+    pub breaker: BreakerState,
 }
 
 /// A cheap-to-clone handle to Redis (or to the embedded `memory://` store).
@@ -123,6 +132,7 @@ struct Inner {
     timeouts: AtomicU64,
     in_flight: AtomicUsize,
     latency: Latency,
+    breaker: Breaker,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -272,6 +282,7 @@ impl Client {
             timeouts: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             latency: Latency::default(),
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             health_task: std::sync::Mutex::new(None),
             config,
         });
@@ -314,6 +325,7 @@ impl Client {
             latency,
             pool: self.pool_stats(),
             error,
+            breaker: self.inner.breaker.state(),
         }
     }
 
@@ -326,6 +338,9 @@ impl Client {
             timeouts: self.inner.timeouts.load(Ordering::Relaxed),
             in_flight: self.inner.in_flight.load(Ordering::Relaxed),
             latency: self.inner.latency.snapshot(),
+            breaker: self.inner.breaker.state(),
+            breaker_trips: self.inner.breaker.trips(),
+            breaker_rejected: self.inner.breaker.rejected(),
         }
     }
 
@@ -415,8 +430,19 @@ impl Client {
         let Some(pool) = self.inner.redis.load_full() else {
             return Err(Error::closed());
         };
+        let admission = self.inner.breaker.admit().map_err(|left| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "circuit open: Redis failed repeatedly; failing fast for another {} ms",
+                    left.as_millis()
+                ),
+            )
+        })?;
         let index = pool.next.fetch_add(1, Ordering::Relaxed) % pool.connections.len();
-        self.run_on(&pool, index, what, call).await
+        let result = self.run_on(&pool, index, what, call).await;
+        admission.finish(!result.as_ref().is_err_and(Error::is_unavailable));
+        result
     }
 
     async fn run_on<T, F, Fut>(

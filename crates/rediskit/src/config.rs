@@ -29,6 +29,10 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Prefix of every key rediskit writes, so it can share a database with other users.
 pub const DEFAULT_KEY_PREFIX: &str = "rk:";
+/// Consecutive unavailability failures that open the circuit breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+/// How long an open circuit fails calls fast before one probes.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// Upper bound of [`Config::max_connections`].
 pub const MAX_CONNECTIONS_LIMIT: usize = 1024;
@@ -133,6 +137,13 @@ pub struct Config {
     pub health_check_interval: Duration,
     /// Prefix of every key rediskit writes. Default: [`DEFAULT_KEY_PREFIX`].
     pub key_prefix: String,
+    /// Consecutive unavailability failures (refused, dropped, timed out) after which calls fail
+    /// fast for [`Config::breaker_cooldown`]; 0 disables the breaker.
+    /// Default: [`DEFAULT_BREAKER_THRESHOLD`].
+    pub breaker_threshold: u32,
+    /// How long an open circuit fails fast before letting one probe call through.
+    /// Default: [`DEFAULT_BREAKER_COOLDOWN`].
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for Config {
@@ -147,6 +158,8 @@ impl Default for Config {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
         }
     }
 }
@@ -163,6 +176,8 @@ impl fmt::Debug for Config {
             .field("command_timeout", &self.command_timeout)
             .field("health_check_interval", &self.health_check_interval)
             .field("key_prefix", &self.key_prefix)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
             .finish()
     }
 }
@@ -223,6 +238,8 @@ impl Config {
     /// | `REDIS_COMMAND_TIMEOUT_MS` | per-command deadline | 500 |
     /// | `REDIS_HEALTH_CHECK_INTERVAL_SECS` | background PING interval, 0 = off | 30 |
     /// | `REDIS_KEY_PREFIX` | prefix of every key | `rk:` |
+    /// | `REDIS_BREAKER_THRESHOLD` | consecutive failures that open the circuit, 0 = off | 5 |
+    /// | `REDIS_BREAKER_COOLDOWN_MS` | how long an open circuit fails fast | 1000 |
     ///
     /// Empty variables count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -309,6 +326,18 @@ impl Config {
                 86_400,
             )?);
         }
+        if let Some(text) = get("REDIS_BREAKER_THRESHOLD") {
+            config.breaker_threshold =
+                parse_number("REDIS_BREAKER_THRESHOLD", &text, 0, 1_000_000)?;
+        }
+        if let Some(text) = get("REDIS_BREAKER_COOLDOWN_MS") {
+            config.breaker_cooldown = Duration::from_millis(parse_number(
+                "REDIS_BREAKER_COOLDOWN_MS",
+                &text,
+                1,
+                MAX_TIMEOUT.as_millis() as u64,
+            )?);
+        }
         if let Some(prefix) = lookup("REDIS_KEY_PREFIX") {
             config.key_prefix = prefix;
         }
@@ -330,6 +359,7 @@ impl Config {
         for (name, value) in [
             ("connect_timeout", self.connect_timeout),
             ("command_timeout", self.command_timeout),
+            ("breaker_cooldown", self.breaker_cooldown),
         ] {
             if value.is_zero() || value > MAX_TIMEOUT {
                 return Err(Error::config(format!(
@@ -507,6 +537,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// See [`Config::breaker_threshold`] and [`Config::breaker_cooldown`].
+    pub fn breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
+        self.config.breaker_threshold = threshold;
+        self.config.breaker_cooldown = cooldown;
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<Config> {
         self.config.validate()?;
@@ -609,6 +646,14 @@ mod tests {
             (&[("REDIS_URL", "localhost:6379")], "REDIS_URL"),
             (&[("REDIS_CLUSTER_NODES", "a:1,b:2")], "REDIS_CLUSTER_NODES"),
             (&[("REDIS_KEY_PREFIX", "has space")], "key_prefix"),
+            (
+                &[("REDIS_BREAKER_THRESHOLD", "-1")],
+                "REDIS_BREAKER_THRESHOLD",
+            ),
+            (
+                &[("REDIS_BREAKER_COOLDOWN_MS", "0")],
+                "REDIS_BREAKER_COOLDOWN_MS",
+            ),
         ];
         for (vars, name) in cases {
             let err = from(vars).unwrap_err();

@@ -48,6 +48,7 @@
 //! - `config` — [`Config`]: from the environment or a builder, validated.
 //! - `error` — [`Error`] with a matchable [`ErrorKind`].
 //! - `client` — [`Client`]: the connection handle (connect, deadlines, reconnect, health, close).
+//! - `breaker` — the circuit breaker in front of Redis ([`BreakerState`]).
 //! - `codec` — the stored value format: header, JSON, lz4 over a threshold.
 //! - `keys` — key rules and escaping (SCAN patterns, hash tags).
 //! - `cache` — [`Cache`]: typed get/set, batches, SCAN listing, `get_or_set` with single flight.
@@ -58,6 +59,7 @@
 //! - [`web`] (feature `axum`) — access tokens, the authenticated-session extractor, health router,
 //!   rate-limit layer, problem documents.
 
+mod breaker;
 mod cache;
 mod client;
 mod codec;
@@ -71,6 +73,8 @@ mod tokens;
 #[cfg(feature = "axum")]
 pub mod web;
 
+#[doc(inline)]
+pub use breaker::BreakerState;
 #[doc(inline)]
 pub use cache::{Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_NAMESPACE, Lookup, ttl};
 #[doc(inline)]
@@ -97,7 +101,8 @@ pub use tokens::{
 /// Defaults of [`Config`], as constants.
 pub mod defaults {
     pub use crate::config::{
-        DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEV_HOST, DEFAULT_DEV_URL,
+        DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_COMMAND_TIMEOUT,
+        DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEV_HOST, DEFAULT_DEV_URL,
         DEFAULT_HEALTH_CHECK_INTERVAL, DEFAULT_KEY_PREFIX, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT,
         DEFAULT_PRODUCTION_HOST, MAX_CONNECTIONS_LIMIT, MAX_TIMEOUT,
     };

@@ -402,6 +402,8 @@ pub struct RedisHealth {
     pub latency_ms: Option<f64>,
     /// Connection figures.
     pub pool: PoolFigures,
+    /// The circuit breaker: `closed`, `open` (failing fast) or `half_open` (probing).
+    pub breaker: String,
     /// When this was measured, RFC 3339.
     pub timestamp: String,
 }
@@ -432,6 +434,7 @@ impl RedisHealth {
                 in_use: health.pool.in_use,
                 idle: health.pool.idle,
             },
+            breaker: health.breaker.as_str().to_owned(),
             timestamp: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         }
     }

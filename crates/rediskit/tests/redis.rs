@@ -313,3 +313,59 @@ async fn close_drops_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// After a run of failures the circuit opens and calls fail fast without touching the network;
+/// after the cool-down one call probes, and once Redis is back the circuit closes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_fails_fast_then_recovers() {
+    let mut server = RedisServer::start();
+    let config = Config::builder()
+        .url(server.url())
+        .max_connections(1)
+        .command_timeout(Duration::from_millis(300))
+        .breaker(3, Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let client = Client::connect(config).await.unwrap();
+    let cache = Cache::new(&client);
+    server.kill();
+    for _ in 0..3 {
+        assert!(
+            cache
+                .try_get::<i32>("k")
+                .await
+                .unwrap_err()
+                .is_unavailable()
+        );
+    }
+    let stats = client.stats();
+    assert_eq!(
+        (stats.breaker, stats.breaker_trips),
+        (rediskit::BreakerState::Open, 1)
+    );
+    let commands = stats.commands;
+    let err = cache.try_get::<i32>("k").await.unwrap_err();
+    assert!(
+        err.is_unavailable() && err.message().contains("circuit open"),
+        "{err}"
+    );
+    assert_eq!(
+        client.stats().commands,
+        commands,
+        "failing fast sends nothing"
+    );
+    assert_eq!(client.stats().breaker_rejected, 1);
+    // Health reports the breaker, and its own PING bypasses it.
+    let health = client.health().await;
+    assert_eq!(health.breaker, rediskit::BreakerState::Open);
+    assert!(!health.ok);
+
+    server.restart();
+    let restarted = Instant::now();
+    while cache.set("k", &1).await.is_err() {
+        assert!(restarted.elapsed() < Duration::from_secs(5), "no recovery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("breaker closed {:?} after the restart", restarted.elapsed());
+    assert_eq!(client.stats().breaker, rediskit::BreakerState::Closed);
+}
