@@ -1,0 +1,171 @@
+//! Health, metrics, the OpenAPI document and the cached computation, black box.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use futures_util::future::join_all;
+use rediskit_testkit::RedisServer;
+use serde_json::Value;
+use support::{PASSWORD, Service, assert_redis_health};
+
+/// `GET /health` is 200 `{"status":"ok"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_ok() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+
+    // Act
+    let reply = service.get("/health").await;
+
+    // Assert
+    reply.assert_status(200);
+    assert_eq!(reply.json()["status"], "ok", "{}", reply.text);
+}
+
+/// `GET /health/redis` with Redis up is 200 with every field of the contract: healthy,
+/// connected, backend `redis`, a numeric latency, integer pool figures, an RFC 3339 timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_health_reports_every_field() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+
+    // Act
+    let reply = service.get("/health/redis").await;
+
+    // Assert
+    let body = assert_redis_health(&reply, 200, "redis");
+    assert_eq!(body["redis_connected"], true, "{body}");
+    assert!(body["latency_ms"].as_f64().unwrap() >= 0.0, "{body}");
+    assert!(body["pool"]["max"].as_u64().unwrap() >= 1, "{body}");
+}
+
+/// `GET /metrics` is Prometheus text with `# TYPE` lines once the service has handled traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text() {
+    // Arrange: some traffic of each kind.
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    service.register("alice", PASSWORD).await;
+    let pair = service.login("alice", PASSWORD).await;
+    service.me(&pair.access_token).await.assert_status(200);
+    service
+        .get("/api/business-metrics/1d")
+        .await
+        .assert_status(200);
+
+    // Act
+    let reply = service.get("/metrics").await;
+
+    // Assert
+    reply.assert_status(200);
+    let content_type = reply.header("content-type").unwrap_or_default();
+    assert!(content_type.starts_with("text/plain"), "{content_type:?}");
+    assert!(
+        reply.text.lines().any(|line| line.starts_with("# TYPE ")),
+        "no `# TYPE` line in:\n{}",
+        reply.text
+    );
+}
+
+/// `GET /openapi.json` is an OpenAPI 3 document listing the API's paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_lists_the_api() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+
+    // Act
+    let reply = service.get("/openapi.json").await;
+
+    // Assert
+    reply.assert_status(200);
+    let document = reply.json();
+    assert!(
+        document["openapi"]
+            .as_str()
+            .is_some_and(|version| version.starts_with('3')),
+        "openapi: {}",
+        document["openapi"]
+    );
+    let paths = document["paths"].as_object().expect("a `paths` object");
+    for path in [
+        "/auth/register",
+        "/auth/login",
+        "/auth/refresh",
+        "/auth/logout",
+        "/auth/logout-all",
+        "/auth/sessions",
+        "/auth/sessions/{session_id}",
+        "/me",
+        "/api/business-metrics/{timeframe}",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
+/// The first request for a timeframe computes (`X-Cache: MISS`), the next is served the same
+/// result from the cache (`HIT`), and each timeframe is cached on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_metrics_miss_then_hit() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+
+    // Act
+    let first = service.get("/api/business-metrics/7d").await;
+    let second = service.get("/api/business-metrics/7d").await;
+    let other = service.get("/api/business-metrics/1d").await;
+
+    // Assert
+    first.assert_status(200);
+    second.assert_status(200);
+    other.assert_status(200);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(first.json(), second.json());
+    assert_eq!(other.header("x-cache"), Some("MISS"));
+}
+
+/// 200 concurrent requests for a cold timeframe run the computation once: all 200, exactly one
+/// `X-Cache: MISS`, every other one `HIT`, and all bodies equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_compute_once() {
+    // Arrange: a computation slow enough for the requests to overlap.
+    let redis = RedisServer::start();
+    let service = Service::builder()
+        .redis(&redis)
+        .env("DEMO_COMPUTE_MS", "300")
+        .start()
+        .await;
+
+    // Act
+    let replies = join_all((0..200).map(|_| service.get("/api/business-metrics/90d"))).await;
+
+    // Assert
+    for reply in &replies {
+        reply.assert_status(200);
+    }
+    let mut tally = BTreeMap::new();
+    for reply in &replies {
+        *tally.entry(reply.header("x-cache")).or_insert(0) += 1;
+    }
+    assert_eq!(
+        tally,
+        BTreeMap::from([(Some("HIT"), 199), (Some("MISS"), 1)]),
+        "X-Cache values and how many of each"
+    );
+    let bodies: Vec<Value> = replies.iter().map(|r| r.json()).collect();
+    assert!(
+        bodies.iter().all(|body| *body == bodies[0]),
+        "every request got the one computed result"
+    );
+}
