@@ -697,3 +697,88 @@ async fn memory_per_session() {
     eprintln!("memory per session: rediskit {per_session} bytes, the original layout {original}");
     assert!(per_session <= 400, "{per_session} bytes per session");
 }
+
+/// `revoke_all` racing rotations of many sessions of the user: afterwards no session is left and
+/// no token — old or freshly rotated — works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_all_races_rotations() {
+    let backend = common::Backend::redis().await;
+    let store = sessions(&backend.client);
+    let mut tokens = Vec::new();
+    for i in 0..50 {
+        tokens.push(
+            store
+                .create("alice", &format!("d{i}"), None, None)
+                .await
+                .unwrap()
+                .token,
+        );
+    }
+    let rotations: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let store = store.clone();
+            let token = token.expose().to_owned();
+            tokio::spawn(async move { store.rotate(&token, None).await })
+        })
+        .collect();
+    let revoked = store.revoke_all("alice").await.unwrap();
+    let mut fresh = Vec::new();
+    for rotation in rotations {
+        match rotation.await.unwrap() {
+            Ok(issued) => fresh.push(issued.token),
+            Err(err) => assert_eq!(err.kind(), ErrorKind::NotFound, "{err}"),
+        }
+    }
+    assert_eq!(revoked, 50);
+    assert_eq!(store.sessions("alice").await.unwrap(), vec![]);
+    for token in tokens.iter().chain(&fresh) {
+        assert!(store.lookup(token.expose()).await.is_err());
+    }
+    eprintln!(
+        "{} rotations ran before the revoke, {} after",
+        fresh.len(),
+        50 - fresh.len()
+    );
+}
+
+/// Logout (revoke) racing a refresh (rotate) of the same session, many times over: whichever
+/// runs first, the session ends and a token the refresh handed out never works afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_races_refresh() {
+    let backend = common::Backend::redis().await;
+    let store = sessions(&backend.client);
+    let mut refresh_won = 0;
+    for round in 0..100 {
+        let issued = store.create("alice", "d", None, None).await.unwrap();
+        let sid = issued.session.session_id.clone();
+        let token = issued.token.into_string();
+        let (rotated, revoked) = tokio::join!(
+            {
+                let store = store.clone();
+                async move { store.rotate(&token, None).await }
+            },
+            {
+                let store = store.clone();
+                async move { store.revoke("alice", &sid).await }
+            }
+        );
+        assert!(
+            revoked.unwrap(),
+            "round {round}: the session was live when revoked"
+        );
+        if let Ok(issued) = rotated {
+            refresh_won += 1;
+            assert!(
+                store.lookup(issued.token.expose()).await.is_err(),
+                "round {round}"
+            );
+        }
+        assert_eq!(
+            store.sessions("alice").await.unwrap(),
+            vec![],
+            "round {round}"
+        );
+    }
+    eprintln!("refresh ran first in {refresh_won} of 100 rounds");
+}
