@@ -195,6 +195,11 @@ fn user_error(err: UserError) -> ApiError {
         UserError::WrongCredentials => Problem::unauthorized("wrong username or password"),
         UserError::Store(err) => store_error(err),
         UserError::Corrupted(why) => store_error(rediskit::Error::new(ErrorKind::Backend, why)),
+        UserError::Busy => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many logins at once; try again shortly",
+        )
+        .with_retry_after(1),
     }
 }
 

@@ -47,13 +47,79 @@ pub enum UserError {
     /// A stored account did not parse (not the caller's fault).
     #[error("stored account is corrupted: {0}")]
     Corrupted(String),
+    /// Too many password hashes are waiting; try again shortly.
+    #[error("too many logins at once; try again shortly")]
+    Busy,
 }
+
+/// Password hashes computed at once; more wait in line.
+pub const HASHER_QUEUE: usize = 256;
 
 /// The account store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Users {
     client: Client,
-    argon2: Arc<Argon2<'static>>,
+    hasher: Arc<Hasher>,
+}
+
+type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+
+/// A fixed pool of threads for argon2id, one per core, fed through a bounded queue.
+///
+/// Why not `spawn_blocking`: each argon2id call allocates 19 MiB, and tokio's blocking pool
+/// grows to hundreds of threads under a login burst; every thread's allocator arena keeps its
+/// freed blocks, so the process grew by over a gigabyte in the soak run. A fixed pool bounds both
+/// the memory (cores × 19 MiB) and the CPU that logins can take, and a full queue answers
+/// "busy" (503) instead of queueing without end.
+#[derive(Debug)]
+struct Hasher {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+impl Hasher {
+    fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(HASHER_QUEUE);
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for i in 0..threads {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    let argon2 = Argon2::default();
+                    loop {
+                        // The lock is held only to take a job, not while hashing.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(&argon2),
+                            // Every sender is gone: the store was dropped.
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(err) = spawned {
+                tracing::error!(error = %err, "cannot start a password-hashing thread");
+            }
+        }
+        Self { jobs }
+    }
+
+    /// Runs `f` on a hashing thread; `Busy` when the queue is full.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Argon2<'static>) -> R + Send + 'static,
+    ) -> Result<R, UserError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move |argon2| {
+                let _ = tx.send(f(argon2));
+            }))
+            .map_err(|_| UserError::Busy)?;
+        rx.await.map_err(|_| UserError::Busy)
+    }
 }
 
 /// A hash of a random password, verified against when the user does not exist, so that unknown
@@ -110,7 +176,7 @@ impl Users {
         LazyLock::force(&DUMMY_HASH);
         Self {
             client: client.clone(),
-            argon2: Arc::new(Argon2::default()),
+            hasher: Arc::new(Hasher::new()),
         }
     }
 
@@ -127,11 +193,11 @@ impl Users {
     pub async fn register(&self, username: &str, password: &str) -> Result<String, UserError> {
         check_username(username)?;
         check_password(password)?;
-        let argon2 = self.argon2.clone();
         let password = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || hash_password(&argon2, password.as_bytes()))
-            .await
-            .map_err(|err| UserError::Corrupted(err.to_string()))?
+        let hash = self
+            .hasher
+            .run(move |argon2| hash_password(argon2, password.as_bytes()))
+            .await?
             .map_err(UserError::Corrupted)?;
         let mut id = [0u8; 12];
         rand::rng().fill_bytes(&mut id);
@@ -176,15 +242,15 @@ impl Users {
             .as_ref()
             .map(|u| u.hash.clone())
             .unwrap_or_else(|| DUMMY_HASH.clone());
-        let argon2 = self.argon2.clone();
         let password = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
-                .unwrap_or(false)
-        })
-        .await
-        .map_err(|err| UserError::Corrupted(err.to_string()))?;
+        let matches = self
+            .hasher
+            .run(move |argon2| {
+                PasswordHash::new(&hash)
+                    .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
+                    .unwrap_or(false)
+            })
+            .await?;
         match user {
             Some(user) if matches => Ok(user),
             _ => Err(UserError::WrongCredentials),

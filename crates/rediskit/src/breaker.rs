@@ -59,10 +59,10 @@ pub(crate) struct Admission<'a> {
 }
 
 impl Admission<'_> {
-    /// Records whether the call found Redis available.
-    pub(crate) fn finish(mut self, available: bool) {
+    /// Records whether the call found Redis available; true if this opened the circuit.
+    pub(crate) fn finish(mut self, available: bool) -> bool {
         self.finished = true;
-        self.breaker.record(available, self.probe);
+        self.breaker.record(available, self.probe)
     }
 }
 
@@ -145,24 +145,31 @@ impl Breaker {
         }
     }
 
-    fn record(&self, available: bool, probe: bool) {
+    /// Closes the circuit (Redis answered); idempotent.
+    pub(crate) fn close(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED {
+            tracing::info!("redis circuit breaker closed: Redis answers again");
+        }
+        self.probing.store(false, Ordering::Release);
+    }
+
+    fn record(&self, available: bool, probe: bool) -> bool {
         if self.threshold == 0 {
-            return;
+            return false;
         }
         if available {
-            self.failures.store(0, Ordering::Relaxed);
             if probe || self.state.load(Ordering::Acquire) != CLOSED {
-                if self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED {
-                    tracing::info!("redis circuit breaker closed: Redis answers again");
-                }
-                self.probing.store(false, Ordering::Release);
+                self.close();
+            } else {
+                self.failures.store(0, Ordering::Relaxed);
             }
-            return;
+            return false;
         }
         if probe {
             self.open();
             self.probing.store(false, Ordering::Release);
-            return;
+            return false;
         }
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures >= self.threshold
@@ -181,7 +188,9 @@ impl Breaker {
                 cooldown_ms = self.cooldown.as_millis() as u64,
                 "redis circuit breaker opened: failing fast"
             );
+            return true;
         }
+        false
     }
 
     fn open(&self) {
@@ -206,7 +215,7 @@ mod tests {
             breaker.admit().unwrap().finish(false);
         }
         assert_eq!(breaker.state(), BreakerState::Closed);
-        breaker.admit().unwrap().finish(false);
+        assert!(breaker.admit().unwrap().finish(false), "the third failure trips it");
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(breaker.admit().is_err());
         assert_eq!((breaker.trips(), breaker.rejected()), (1, 1));
@@ -215,7 +224,7 @@ mod tests {
         let probe = breaker.admit().unwrap();
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert!(breaker.admit().is_err(), "one probe at a time");
-        probe.finish(false);
+        assert!(!probe.finish(false), "a failed probe reopens; it is not a new trip");
         assert_eq!(breaker.state(), BreakerState::Open);
 
         std::thread::sleep(Duration::from_millis(40));

@@ -133,6 +133,8 @@ struct Inner {
     in_flight: AtomicUsize,
     latency: Latency,
     breaker: Breaker,
+    /// A recovery task is pinging the pool while the circuit is open.
+    recovering: AtomicBool,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -283,6 +285,7 @@ impl Client {
             in_flight: AtomicUsize::new(0),
             latency: Latency::default(),
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+            recovering: AtomicBool::new(false),
             health_task: std::sync::Mutex::new(None),
             config,
         });
@@ -441,8 +444,40 @@ impl Client {
         })?;
         let index = pool.next.fetch_add(1, Ordering::Relaxed) % pool.connections.len();
         let result = self.run_on(&pool, index, what, call).await;
-        admission.finish(!result.as_ref().is_err_and(Error::is_unavailable));
+        // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
+        // reads still work.
+        let failed = result.as_ref().is_err_and(Error::is_connection_failure);
+        if admission.finish(!failed) {
+            self.spawn_recovery();
+        }
         result
+    }
+
+    /// After the circuit opens: PING every connection until all answer, then close it. A pooled
+    /// connection only reconnects when a call fails on it, and an open circuit sends no calls;
+    /// without this, recovery would wait for probes to walk the pool one cool-down at a time.
+    fn spawn_recovery(&self) {
+        if self.inner.recovering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        let pause = (self.inner.config.breaker_cooldown / 4).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(inner) = inner.upgrade() else { return };
+                let client = Client { inner };
+                if client.is_closed() || client.inner.breaker.state() == BreakerState::Closed {
+                    client.inner.recovering.store(false, Ordering::Release);
+                    return;
+                }
+                if client.ping_all().await.is_ok() {
+                    client.inner.breaker.close();
+                    client.inner.recovering.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
     }
 
     async fn run_on<T, F, Fut>(
@@ -730,7 +765,15 @@ impl Pool {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let info = config.connection_info()?;
-        let client = redis::Client::open(info).map_err(|err| {
+        #[cfg(feature = "tls")]
+        let client = match config.tls_certificates()? {
+            // A private CA and/or a client certificate (mutual TLS), read from their PEM files.
+            Some(certificates) => redis::Client::build_with_tls(info, certificates),
+            None => redis::Client::open(info),
+        };
+        #[cfg(not(feature = "tls"))]
+        let client = redis::Client::open(info);
+        let client = client.map_err(|err| {
             Error::config(format!("url `{}`: {err}", redact_url(&config.url))).with_source(err)
         })?;
         let manager_config = ConnectionManagerConfig::new()

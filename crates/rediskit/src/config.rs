@@ -6,6 +6,7 @@
 //! and says what is wrong with it.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -144,6 +145,18 @@ pub struct Config {
     /// How long an open circuit fails fast before letting one probe call through.
     /// Default: [`DEFAULT_BREAKER_COOLDOWN`].
     pub breaker_cooldown: Duration,
+    /// PEM file of the certificate authority (or authorities) that signed the server's
+    /// certificate, for a `rediss://` server with a private CA. When set, it *replaces* the
+    /// system's trust store for this connection. Only with a `rediss://` URL.
+    /// Default: none (the system's trusted roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) to present to a server that requires mutual
+    /// TLS (`tls-auth-clients yes`). Set together with [`Config::tls_key_file`]; only with a
+    /// `rediss://` URL. Default: none (no client certificate).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the private key of [`Config::tls_cert_file`]. Its contents are read when the
+    /// client is built and never logged. Default: none.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -160,6 +173,9 @@ impl Default for Config {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -178,6 +194,10 @@ impl fmt::Debug for Config {
             .field("key_prefix", &self.key_prefix)
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
+            // Paths only: the files' contents (a private key among them) are never shown.
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -240,6 +260,8 @@ impl Config {
     /// | `REDIS_KEY_PREFIX` | prefix of every key | `rk:` |
     /// | `REDIS_BREAKER_THRESHOLD` | consecutive failures that open the circuit, 0 = off | 5 |
     /// | `REDIS_BREAKER_COOLDOWN_MS` | how long an open circuit fails fast | 1000 |
+    /// | `REDIS_TLS_CA_FILE` | PEM CA that signed the server's certificate (`rediss://` only) | system roots |
+    /// | `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE` | PEM client certificate and key for mutual TLS, both or neither | none |
     ///
     /// Empty variables count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -341,6 +363,10 @@ impl Config {
         if let Some(prefix) = lookup("REDIS_KEY_PREFIX") {
             config.key_prefix = prefix;
         }
+        config.tls_ca_file = get("REDIS_TLS_CA_FILE").map(|path| PathBuf::from(path.trim()));
+        config.tls_cert_file = get("REDIS_TLS_CERT_FILE").map(|path| PathBuf::from(path.trim()));
+        config.tls_key_file = get("REDIS_TLS_KEY_FILE").map(|path| PathBuf::from(path.trim()));
+        config.check_tls(TlsNames::VARIABLES)?;
         config
             .validate()
             .map_err(|err| Error::config(format!("{} (from the environment)", err.message())))?;
@@ -380,6 +406,37 @@ impl Config {
                 "username: must be non-empty, without spaces or control characters",
             ));
         }
+        self.check_tls(TlsNames::FIELDS)
+    }
+
+    /// The TLS files: only with `rediss://`, certificate and key together, each a readable file.
+    /// `names` are the field or variable names the errors mention.
+    fn check_tls(&self, names: TlsNames) -> Result<()> {
+        let files = [
+            (names.ca, &self.tls_ca_file),
+            (names.cert, &self.tls_cert_file),
+            (names.key, &self.tls_key_file),
+        ];
+        let Some((first, _)) = files.iter().find(|(_, path)| path.is_some()) else {
+            return Ok(());
+        };
+        if !self.url.trim().starts_with("rediss://") {
+            return Err(Error::config(format!(
+                "{first}: TLS settings need a `rediss://` URL, but the URL is `{}`",
+                redact_url(&self.url)
+            )));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(Error::config(format!(
+                "{} and {}: a client certificate needs its key; set both or neither",
+                names.cert, names.key
+            )));
+        }
+        for (name, path) in files {
+            if let Some(path) = path {
+                check_readable_file(path).map_err(|why| Error::config(format!("{name}: {why}")))?;
+            }
+        }
         Ok(())
     }
 
@@ -389,6 +446,46 @@ impl Config {
         } else {
             Scheme::Redis
         }
+    }
+
+    /// The CA and client certificate for `redis::Client::build_with_tls`, read from their files;
+    /// `None` when no TLS file is configured (a `rediss://` URL then trusts the system's roots).
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        let read = |name: &str, path: &Path| {
+            std::fs::read(path).map_err(|err| {
+                Error::config(format!("{name}: cannot read `{}`: {err}", path.display()))
+                    .with_source(err)
+            })
+        };
+        let root_cert = match &self.tls_ca_file {
+            Some(path) => {
+                let pem = read("tls_ca_file", path)?;
+                // An empty trust store would reject every server with an obscure handshake error.
+                if !contains(&pem, b"-----BEGIN CERTIFICATE-----") {
+                    return Err(Error::config(format!(
+                        "tls_ca_file: `{}` holds no PEM certificate",
+                        path.display()
+                    )));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        let client_tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("tls_cert_file", cert)?,
+                client_key: read("tls_key_file", key)?,
+            }),
+            _ => None,
+        };
+        if root_cert.is_none() && client_tls.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
     }
 
     /// The connection details for the redis crate, credentials applied.
@@ -443,6 +540,46 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
     url.into_connection_info()
         .map(|_| ())
         .map_err(|err| format!("`{}` is not a valid Redis URL: {err}", redact_url(url)))
+}
+
+/// Field and variable names of the TLS settings, for error messages.
+#[derive(Clone, Copy)]
+struct TlsNames {
+    ca: &'static str,
+    cert: &'static str,
+    key: &'static str,
+}
+
+impl TlsNames {
+    const FIELDS: Self = Self {
+        ca: "tls_ca_file",
+        cert: "tls_cert_file",
+        key: "tls_key_file",
+    };
+    const VARIABLES: Self = Self {
+        ca: "REDIS_TLS_CA_FILE",
+        cert: "REDIS_TLS_CERT_FILE",
+        key: "REDIS_TLS_KEY_FILE",
+    };
+}
+
+fn check_readable_file(path: &Path) -> std::result::Result<(), String> {
+    let shown = path.display();
+    let metadata =
+        std::fs::metadata(path).map_err(|err| format!("cannot read `{shown}`: {err}"))?;
+    if !metadata.is_file() {
+        return Err(format!("`{shown}` is not a file"));
+    }
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|err| format!("cannot read `{shown}`: {err}"))
+}
+
+#[cfg(feature = "tls")]
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 fn check_host(host: &str) -> std::result::Result<String, String> {
@@ -541,6 +678,24 @@ impl ConfigBuilder {
     pub fn breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
         self.config.breaker_threshold = threshold;
         self.config.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// See [`Config::tls_ca_file`].
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// See [`Config::tls_cert_file`] and [`Config::tls_key_file`]: the client certificate and
+    /// its private key for mutual TLS.
+    pub fn tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.config.tls_cert_file = Some(cert_file.into());
+        self.config.tls_key_file = Some(key_file.into());
         self
     }
 
@@ -694,6 +849,174 @@ mod tests {
         let info = config.connection_info().unwrap();
         assert_eq!(info.redis_settings().username(), Some("app"));
         assert_eq!(info.redis_settings().password(), Some("pw"));
+    }
+
+    /// A temporary directory holding `ca.pem`, `client.pem` and `client.key` with PEM-looking
+    /// contents (the validation reads files; it does not parse certificates).
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            (
+                "ca.pem",
+                "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n",
+            ),
+            (
+                "client.pem",
+                "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n",
+            ),
+            (
+                "client.key",
+                "-----BEGIN PRIVATE KEY-----\nsecret-key-bytes\n",
+            ),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    /// TLS files from the environment are accepted with a `rediss://` URL, and `Debug` shows
+    /// their paths but never their contents.
+    #[test]
+    fn tls_variables_are_read() {
+        let dir = tls_files();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let config = from(&[
+            ("REDIS_URL", "rediss://cache.internal:6380/0"),
+            ("REDIS_TLS_CA_FILE", &path("ca.pem")),
+            ("REDIS_TLS_CERT_FILE", &path("client.pem")),
+            ("REDIS_TLS_KEY_FILE", &path("client.key")),
+        ])
+        .unwrap();
+        assert_eq!(config.tls_ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(config.tls_cert_file, Some(dir.path().join("client.pem")));
+        assert_eq!(config.tls_key_file, Some(dir.path().join("client.key")));
+        let shown = format!("{config:?}");
+        assert!(shown.contains("ca.pem"), "{shown}");
+        assert!(!shown.contains("secret-key-bytes"), "{shown}");
+        #[cfg(feature = "tls")]
+        {
+            let certificates = config.tls_certificates().unwrap().unwrap();
+            assert!(certificates.root_cert.is_some());
+            assert!(certificates.client_tls.is_some());
+            assert!(!format!("{certificates:?}").contains("secret-key-bytes"));
+        }
+        let plain = from(&[("REDIS_URL", "rediss://cache.internal:6380/0")]).unwrap();
+        assert_eq!(plain.tls_ca_file, None);
+        #[cfg(feature = "tls")]
+        assert!(plain.tls_certificates().unwrap().is_none());
+    }
+
+    /// Each wrong TLS setting is refused with the variable it came from: TLS without
+    /// `rediss://`, a certificate without its key (or the reverse), a missing file, a directory.
+    #[test]
+    fn bad_tls_settings_name_the_variable() {
+        let dir = tls_files();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+        let missing = path("missing.pem");
+        let folder = dir.path().display().to_string();
+        let tls_url = ("REDIS_URL", "rediss://db:6380/0");
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                &[("REDIS_TLS_CA_FILE", &ca)],
+                &["REDIS_TLS_CA_FILE", "rediss://"],
+            ),
+            (
+                &[("REDIS_URL", "memory://"), ("REDIS_TLS_CERT_FILE", &cert)],
+                &["REDIS_TLS_CERT_FILE", "rediss://"],
+            ),
+            (
+                &[
+                    ("REDIS_URL", "redis://db:6379/0"),
+                    ("REDIS_TLS_CA_FILE", &ca),
+                ],
+                &["REDIS_TLS_CA_FILE", "rediss://"],
+            ),
+            (
+                &[tls_url, ("REDIS_TLS_CERT_FILE", &cert)],
+                &["REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE", "both"],
+            ),
+            (
+                &[tls_url, ("REDIS_TLS_KEY_FILE", &key)],
+                &["REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE", "both"],
+            ),
+            (
+                &[tls_url, ("REDIS_TLS_CA_FILE", &missing)],
+                &["REDIS_TLS_CA_FILE", "missing.pem"],
+            ),
+            (
+                &[
+                    tls_url,
+                    ("REDIS_TLS_CERT_FILE", &cert),
+                    ("REDIS_TLS_KEY_FILE", &missing),
+                ],
+                &["REDIS_TLS_KEY_FILE", "missing.pem"],
+            ),
+            (
+                &[tls_url, ("REDIS_TLS_CA_FILE", &folder)],
+                &["REDIS_TLS_CA_FILE", "not a file"],
+            ),
+        ];
+        for (vars, needles) in cases {
+            let err = from(vars).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config);
+            for needle in *needles {
+                assert!(
+                    err.message().contains(needle),
+                    "error for {vars:?} should mention {needle}: {err}"
+                );
+            }
+        }
+    }
+
+    /// The builder checks the same rules and names the fields.
+    #[test]
+    fn builder_checks_tls_settings() {
+        let dir = tls_files();
+        let err = Config::builder()
+            .tls_ca_file(dir.path().join("ca.pem"))
+            .build()
+            .unwrap_err();
+        assert!(err.message().contains("tls_ca_file"), "{err}");
+        assert!(err.message().contains("rediss://"), "{err}");
+        let err = Config::builder()
+            .url("rediss://db:6380/0")
+            .tls_client_cert(dir.path().join("client.pem"), dir.path().join("nope.key"))
+            .build()
+            .unwrap_err();
+        assert!(err.message().contains("tls_key_file"), "{err}");
+        let mut config = Config::builder().url("rediss://db:6380/0").build().unwrap();
+        config.tls_cert_file = Some(dir.path().join("client.pem"));
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.message().contains("tls_cert_file and tls_key_file"),
+            "{err}"
+        );
+        let config = Config::builder()
+            .url("rediss://db:6380/0")
+            .tls_ca_file(dir.path().join("ca.pem"))
+            .tls_client_cert(dir.path().join("client.pem"), dir.path().join("client.key"))
+            .build()
+            .unwrap();
+        assert_eq!(config.tls_key_file, Some(dir.path().join("client.key")));
+    }
+
+    /// A CA file without any PEM certificate is a configuration error, not an empty trust store
+    /// that fails every handshake later.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn ca_file_without_a_certificate_is_refused() {
+        let dir = tls_files();
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        let config = Config::builder()
+            .url("rediss://db:6380/0")
+            .tls_ca_file(dir.path().join("ca.pem"))
+            .build()
+            .unwrap();
+        let err = config.tls_certificates().unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Config);
+        assert!(err.message().contains("no PEM certificate"), "{err}");
     }
 
     /// The builder validates what it builds.

@@ -66,6 +66,9 @@ impl fmt::Display for ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    /// The connection itself failed (refused, dropped, I/O, deadline) — as opposed to Redis
+    /// answering with an error. Only these trip the circuit breaker.
+    connection: bool,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -76,6 +79,7 @@ impl Error {
         Self {
             kind,
             message: message.into(),
+            connection: false,
             source: None,
         }
     }
@@ -97,10 +101,18 @@ impl Error {
     }
 
     pub(crate) fn timeout(what: &str, after: std::time::Duration) -> Self {
-        Self::new(
+        let mut err = Self::new(
             ErrorKind::Timeout,
             format!("{what} got no answer within {} ms", after.as_millis()),
-        )
+        );
+        err.connection = true;
+        err
+    }
+
+    /// True when the connection failed (refused, dropped, I/O error, deadline passed), rather
+    /// than Redis answering with an error such as `OOM` or `READONLY`.
+    pub(crate) fn is_connection_failure(&self) -> bool {
+        self.connection
     }
 
     pub(crate) fn closed() -> Self {
@@ -145,9 +157,14 @@ impl Error {
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
         use redis::ServerErrorKind as S;
+        let connection = err.is_timeout()
+            || err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.kind() == redis::ErrorKind::ClusterConnectionNotFound;
         let kind = if err.is_timeout() {
             ErrorKind::Timeout
-        } else if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
+        } else if connection {
             ErrorKind::Unavailable
         } else {
             match err.kind() {
@@ -169,7 +186,9 @@ impl From<redis::RedisError> for Error {
             }
         };
         let message = err.to_string();
-        Error::new(kind, message).with_source(err)
+        let mut converted = Error::new(kind, message).with_source(err);
+        converted.connection = connection;
+        converted
     }
 }
 
@@ -201,5 +220,13 @@ mod tests {
         }
         let parsed: Error = redis::make_extension_error("WRONGTYPE".into(), None).into();
         assert_eq!(parsed.kind(), ErrorKind::Backend);
+        // Redis answered: unavailable for the caller, but not a connection failure.
+        let oom: Error = redis::make_extension_error("OOM".into(), None).into();
+        assert!(!oom.is_connection_failure());
+        let io: Error = redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        ))
+        .into();
+        assert!(io.is_unavailable() && io.is_connection_failure());
     }
 }

@@ -4,11 +4,15 @@
 //! Tests never touch the machine's shared Redis on 6379. A missing `redis-server` binary is a
 //! test failure with instructions, not a silent skip.
 
+pub mod proxy;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod tls;
 
 /// How long a server gets to start answering `PING`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -676,3 +676,10 @@ pub fn is_rfc3339(text: &str) -> bool {
 pub fn is_timestamp(value: &Value) -> bool {
     value.is_u64() || value.as_str().is_some_and(is_rfc3339)
 }
+
+impl Service {
+    /// The process id, to watch its memory.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
