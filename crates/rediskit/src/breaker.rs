@@ -215,7 +215,10 @@ mod tests {
             breaker.admit().unwrap().finish(false);
         }
         assert_eq!(breaker.state(), BreakerState::Closed);
-        assert!(breaker.admit().unwrap().finish(false), "the third failure trips it");
+        assert!(
+            breaker.admit().unwrap().finish(false),
+            "the third failure trips it"
+        );
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(breaker.admit().is_err());
         assert_eq!((breaker.trips(), breaker.rejected()), (1, 1));
@@ -224,7 +227,10 @@ mod tests {
         let probe = breaker.admit().unwrap();
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert!(breaker.admit().is_err(), "one probe at a time");
-        assert!(!probe.finish(false), "a failed probe reopens; it is not a new trip");
+        assert!(
+            !probe.finish(false),
+            "a failed probe reopens; it is not a new trip"
+        );
         assert_eq!(breaker.state(), BreakerState::Open);
 
         std::thread::sleep(Duration::from_millis(40));

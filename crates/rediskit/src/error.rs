@@ -223,10 +223,9 @@ mod tests {
         // Redis answered: unavailable for the caller, but not a connection failure.
         let oom: Error = redis::make_extension_error("OOM".into(), None).into();
         assert!(!oom.is_connection_failure());
-        let io: Error = redis::RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::ConnectionReset,
-        ))
-        .into();
+        let io: Error =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+                .into();
         assert!(io.is_unavailable() && io.is_connection_failure());
     }
 }
