@@ -133,6 +133,13 @@ impl Codec {
                 if length > self.max_value_size {
                     return Err(DecodeError::TooLarge(length));
                 }
+                // lz4 cannot expand data more than ~255 times; a claim beyond that is damage (or an
+                // attack), refused before allocating the claimed size.
+                if length > compressed.len().saturating_mul(255).saturating_add(16) {
+                    return Err(DecodeError::Corrupt(
+                        "claimed length beyond lz4's expansion limit",
+                    ));
+                }
                 let json = lz4_flex::block::decompress(compressed, length)
                     .map_err(|_| DecodeError::Corrupt("lz4 data does not decompress"))?;
                 if json.len() != length {

@@ -65,8 +65,13 @@ mod client;
 mod codec;
 mod config;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod keys;
 mod memory;
+#[cfg(test)]
+mod proptests;
 mod ratelimit;
 mod scripts;
 mod tokens;

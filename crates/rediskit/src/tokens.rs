@@ -60,10 +60,10 @@ pub const MAX_DEVICE_LEN: usize = 128;
 pub const MAX_METADATA_LEN: usize = 1024;
 
 const TOKEN_VERSION: u8 = 1;
-const SID_LEN: usize = 12;
-const RAND_LEN: usize = 32;
+pub(crate) const SID_LEN: usize = 12;
+pub(crate) const RAND_LEN: usize = 32;
 const MAC_LEN: usize = 16;
-const HASH_LEN: usize = 16;
+pub(crate) const HASH_LEN: usize = 16;
 /// version + sid + generation + expiry + random + MAC
 const TOKEN_BIN_LEN: usize = 1 + SID_LEN + 4 + 4 + RAND_LEN + MAC_LEN;
 /// Longest token text we even try to parse.
@@ -712,7 +712,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Keys derived from the configured secret, one per purpose.
-struct TokenKeys {
+pub(crate) struct TokenKeys {
     mac: [u8; 32],
     hash: [u8; 32],
     rotate: [u8; 32],
@@ -726,16 +726,16 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-struct TokenParts {
-    user: String,
-    sid: [u8; SID_LEN],
-    generation: u32,
-    expires: u32,
-    random: [u8; RAND_LEN],
+pub(crate) struct TokenParts {
+    pub(crate) user: String,
+    pub(crate) sid: [u8; SID_LEN],
+    pub(crate) generation: u32,
+    pub(crate) expires: u32,
+    pub(crate) random: [u8; RAND_LEN],
 }
 
 impl TokenKeys {
-    fn derive(secret: &[u8]) -> Self {
+    pub(crate) fn derive(secret: &[u8]) -> Self {
         Self {
             mac: hmac(secret, &[b"rediskit/v1/refresh-token-mac"]),
             hash: hmac(secret, &[b"rediskit/v1/refresh-secret-hash"]),
@@ -779,7 +779,7 @@ impl TokenKeys {
         out
     }
 
-    fn encode(&self, parts: &TokenParts) -> RefreshToken {
+    pub(crate) fn encode(&self, parts: &TokenParts) -> RefreshToken {
         let body = Self::body(parts);
         let mac = self.mac_of(&parts.user, &body);
         let mut bin = Vec::with_capacity(TOKEN_BIN_LEN);
@@ -794,7 +794,7 @@ impl TokenKeys {
 
     /// Parses a token and checks its MAC (in constant time). Malformed text is `InvalidInput`;
     /// a well-formed token with a wrong MAC is `NotFound`, like any unknown token.
-    fn decode(&self, text: &str) -> Result<TokenParts> {
+    pub(crate) fn decode(&self, text: &str) -> Result<TokenParts> {
         let malformed = || Error::invalid("malformed refresh token");
         if text.len() > MAX_TOKEN_TEXT {
             return Err(malformed());
@@ -828,21 +828,21 @@ impl TokenKeys {
 
 /// A session as stored: the layout of `session_prelude.lua`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Record {
-    generation: u32,
-    hash: [u8; HASH_LEN],
-    created: u32,
-    last_used: u32,
-    expires: u32,
-    rotated: u32,
-    device: String,
-    metadata: Vec<u8>,
+pub(crate) struct Record {
+    pub(crate) generation: u32,
+    pub(crate) hash: [u8; HASH_LEN],
+    pub(crate) created: u32,
+    pub(crate) last_used: u32,
+    pub(crate) expires: u32,
+    pub(crate) rotated: u32,
+    pub(crate) device: String,
+    pub(crate) metadata: Vec<u8>,
 }
 
 const RECORD_HEAD: usize = 4 + HASH_LEN + 4 * 4;
 
 impl Record {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(RECORD_HEAD + 1 + self.device.len() + self.metadata.len());
         out.extend_from_slice(&self.generation.to_be_bytes());
         out.extend_from_slice(&self.hash);
@@ -857,7 +857,7 @@ impl Record {
     }
 
     /// `None` for bytes that are not a record (never a panic).
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
         let (head, rest) = bytes.split_at_checked(RECORD_HEAD)?;
         let word =
             |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
