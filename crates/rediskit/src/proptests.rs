@@ -187,7 +187,9 @@ fn expected_decode(codec: &Codec, bytes: &[u8]) -> Result<Value, DecodeError> {
             }
             // lz4 expands at most ~255 times: a larger claim is refused before allocating.
             if length > (payload.len() - 4) * 255 + 16 {
-                return Err(DecodeError::Corrupt("claimed length beyond lz4's expansion limit"));
+                return Err(DecodeError::Corrupt(
+                    "claimed length beyond lz4's expansion limit",
+                ));
             }
             match lz4_flex::block::decompress(&payload[4..], length) {
                 Ok(json) if json.len() == length => json,
