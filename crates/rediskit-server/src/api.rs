@@ -300,16 +300,39 @@ async fn login_inner(
     Ok(ApiJson(pair(state, issued, &user.username)?))
 }
 
-/// Control characters removed, cut to the byte limit on a character boundary.
+/// Control characters, bidirectional overrides and zero-width characters removed (a device name
+/// is shown back to the user in their session list, where those could disguise it), then cut to
+/// the byte limit on a character boundary.
 fn sanitize_device(text: &str) -> String {
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    };
     let mut out = String::new();
-    for c in text.chars().filter(|c| !c.is_control()) {
+    for c in text.chars().filter(|&c| !invisible(c)) {
         if out.len() + c.len_utf8() > MAX_DEVICE_LEN {
             break;
         }
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Device names lose what could disguise them and keep to the byte limit.
+    #[test]
+    fn device_names_are_sanitized() {
+        assert_eq!(
+            sanitize_device("Fire\u{202E}fox\n on\u{200B} Linux"),
+            "Firefox on Linux"
+        );
+        let long = "é".repeat(100);
+        let cut = sanitize_device(&long);
+        assert!(cut.len() <= MAX_DEVICE_LEN && cut.chars().all(|c| c == 'é'));
+    }
 }
 
 /// Exchange a refresh token for a new pair; the presented token stops working. Presenting an
