@@ -95,7 +95,10 @@ pub struct CacheStats {
 ///   still the same bytes, so a fresh value written meanwhile survives.
 /// - **One computation per cold key.** Concurrent [`get_or_set`](Cache::get_or_set) calls for
 ///   one missing key in this process run `compute` once; the others wait and share its result. If
-///   the computing call fails or is cancelled, a waiting call takes over.
+///   the computing call fails or is cancelled, a waiting call takes over. Across processes, the
+///   computing one holds a short Redis lease (`{prefix}lease:{namespace}:{key}`, see
+///   [`CacheBuilder::lease_ttl`]) and the others wait for its value, so a cold key is computed
+///   once in the whole fleet — unless the computation outlives the lease.
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<CacheInner>,
@@ -108,6 +111,9 @@ struct CacheInner {
     prefix: String,
     default_ttl: Duration,
     codec: Codec,
+    /// `{key_prefix}lease:{namespace}:` — apart from the values, so listings never see leases.
+    lease_prefix: String,
+    lease_ttl: Duration,
     /// Computations in flight, by Redis key: the flight's id and where its outcome will appear.
     flights: Mutex<HashMap<String, (u64, FlightReceiver)>>,
     next_flight: AtomicU64,
@@ -152,7 +158,12 @@ pub struct CacheBuilder {
     namespace: String,
     default_ttl: Duration,
     codec: Codec,
+    lease_ttl: Duration,
 }
+
+/// How long a process computing a cold key holds its lease: others wait for its value up to this
+/// long, then compute themselves.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 impl CacheBuilder {
     /// Namespace: 1 to 64 bytes of `A-Z a-z 0-9 _ - .`. Default: [`DEFAULT_NAMESPACE`].
@@ -179,11 +190,21 @@ impl CacheBuilder {
         self
     }
 
+    /// How long a process computing a cold key in [`Cache::get_or_set`] holds a short Redis
+    /// lease, so that other processes wait for its value instead of computing it too; zero turns
+    /// the cross-process lease off (in-process single flight remains). Default:
+    /// [`DEFAULT_LEASE_TTL`].
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
     /// Validates the settings and builds the cache.
     pub fn build(self) -> Result<Cache> {
         keys::check_namespace(&self.namespace).map_err(Error::invalid)?;
         check_ttl(self.default_ttl)?;
         let prefix = format!("{}cache:{}:", self.client.key_prefix(), self.namespace);
+        let lease_prefix = format!("{}lease:{}:", self.client.key_prefix(), self.namespace);
         Ok(Cache {
             inner: Arc::new(CacheInner {
                 client: self.client,
@@ -191,6 +212,8 @@ impl CacheBuilder {
                 prefix,
                 default_ttl: self.default_ttl,
                 codec: self.codec,
+                lease_prefix,
+                lease_ttl: self.lease_ttl,
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
                 counters: Counters::default(),
@@ -225,6 +248,7 @@ impl Cache {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             default_ttl: ttl::DEFAULT,
             codec: Codec::default(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 
@@ -453,19 +477,98 @@ impl Cache {
                 status: CacheStatus::Hit,
             });
         }
+        // Other processes: the first to take the lease computes; the others wait for its value.
+        let lease = match self.take_lease(key).await {
+            Lease::Waited(value) => {
+                if let Ok(bytes) = self.inner.codec.encode(&value) {
+                    flight.publish(Flight::Done(Arc::new(bytes)));
+                }
+                return Ok(Lookup {
+                    value,
+                    status: CacheStatus::Shared,
+                });
+            }
+            Lease::Held(lease) => lease,
+        };
         self.inner
             .counters
             .computations
             .fetch_add(1, Ordering::Relaxed);
-        let value = compute().await?;
-        let bytes = self.inner.codec.encode(&value)?;
+        let computed = compute().await;
+        let value = match computed {
+            Ok(value) => value,
+            Err(err) => {
+                self.release_lease(lease).await;
+                return Err(err);
+            }
+        };
+        let bytes = match self.inner.codec.encode(&value) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                self.release_lease(lease).await;
+                return Err(err.into());
+            }
+        };
         // A failed store is not the caller's problem: the value is good, only not cached.
         let _ = self.soft(self.write(&redis_key, &bytes, ttl).await);
+        self.release_lease(lease).await;
         flight.publish(Flight::Done(Arc::new(bytes)));
         Ok(Lookup {
             value,
             status: CacheStatus::Miss,
         })
+    }
+
+    /// Takes the cross-process lease on `key`, or waits for the value of the process holding it.
+    /// Any trouble with Redis (or a lease that expires without a value) means: compute here.
+    async fn take_lease<T: DeserializeOwned>(&self, key: &str) -> Lease<T> {
+        if self.inner.lease_ttl.is_zero() {
+            return Lease::Held(None);
+        }
+        let lease_key = format!("{}{key}", self.inner.lease_prefix);
+        let mut token = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut token);
+        let token = token.to_vec();
+        let ttl = self.inner.lease_ttl;
+        match self
+            .inner
+            .client
+            .set_if_absent(&lease_key, &token, Some(ttl))
+            .await
+        {
+            Ok(true) => return Lease::Held(Some((lease_key, token))),
+            Ok(false) => {}
+            Err(_) => return Lease::Held(None),
+        }
+        let redis_key = format!("{}{key}", self.inner.prefix);
+        let deadline = tokio::time::Instant::now() + ttl;
+        let mut pause = Duration::from_millis(5);
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            match self.inner.client.get(&redis_key).await {
+                Ok(Some(bytes)) => {
+                    if let Some(value) = self.decode_counted(&redis_key, Some(bytes)).await {
+                        return Lease::Waited(value);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => return Lease::Held(None),
+            }
+            // The holder gave up (failed, or was cancelled) without a value: compute here.
+            match self.inner.client.exists(&lease_key).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            }
+        }
+        Lease::Held(None)
+    }
+
+    /// Drops our lease, only if it is still ours.
+    async fn release_lease(&self, lease: Option<(String, Vec<u8>)>) {
+        if let Some((lease_key, token)) = lease {
+            let _ = self.inner.client.del_if_equals(&lease_key, &token).await;
+        }
     }
 
     fn join_flight(&self, redis_key: &str) -> Joined<'_> {
@@ -571,6 +674,13 @@ impl Cache {
                 "cache degraded to misses: redis unavailable");
         }
     }
+}
+
+/// The outcome of [`Cache::take_lease`]: ours to compute (with the lease to release, if one was
+/// taken), or the value another process computed while we waited.
+enum Lease<T> {
+    Held(Option<(String, Vec<u8>)>),
+    Waited(T),
 }
 
 enum Joined<'a> {

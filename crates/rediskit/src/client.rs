@@ -552,14 +552,26 @@ impl Client {
     /// Low level: writes `value` at `key` (as given, no prefix added, no expiry) only if the key
     /// does not exist (`SET NX`); true if written. The atomic "first one wins" of registrations.
     pub async fn set_bytes_if_absent(&self, key: &str, value: &[u8]) -> Result<bool> {
+        self.set_if_absent(key, value, None).await
+    }
+
+    /// `SET key value NX [PX ttl]`: true if written.
+    pub(crate) async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
         if let Some(memory) = self.memory()? {
-            return Ok(memory.set_if_absent(key, value.to_vec()));
+            return Ok(memory.set_if_absent(key, value.to_vec(), ttl));
         }
         self.run("SET NX", |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("NX")
+            let mut command = redis::cmd("SET");
+            command.arg(key).arg(value).arg("NX");
+            if let Some(ttl) = ttl {
+                command.arg("PX").arg(ttl_millis(ttl));
+            }
+            command
                 .query_async::<Option<String>>(&mut c)
                 .await
                 .map(|reply| reply.is_some())

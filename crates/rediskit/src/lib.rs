@@ -81,7 +81,9 @@ pub mod web;
 #[doc(inline)]
 pub use breaker::BreakerState;
 #[doc(inline)]
-pub use cache::{Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_NAMESPACE, Lookup, ttl};
+pub use cache::{
+    Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_LEASE_TTL, DEFAULT_NAMESPACE, Lookup, ttl,
+};
 #[doc(inline)]
 pub use client::{
     BackendKind, Client, ClientStats, Health, LATENCY_BUCKETS_US, LatencyHistogram, PoolStats,

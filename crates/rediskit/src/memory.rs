@@ -92,8 +92,8 @@ impl MemoryStore {
         self.after_write(&mut map, now);
     }
 
-    /// `SET NX` without expiry: true if the key was absent (or expired) and is now written.
-    pub(crate) fn set_if_absent(&self, key: &str, value: Vec<u8>) -> bool {
+    /// `SET NX [PX ttl]`: true if the key was absent (or expired) and is now written.
+    pub(crate) fn set_if_absent(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> bool {
         let now = Instant::now();
         let mut map = self.lock();
         if map.get(key).is_some_and(|entry| entry.live(now)) {
@@ -103,7 +103,7 @@ impl MemoryStore {
             key.to_owned(),
             Entry {
                 value: Value::Bytes(value),
-                expires_at: None,
+                expires_at: ttl.map(|ttl| now + ttl),
             },
         );
         self.after_write(&mut map, now);

@@ -43,6 +43,8 @@ conformance!(
     bad_input_is_refused,
     get_or_set_computes_once_under_concurrency,
     get_or_set_failure_is_not_cached,
+    get_or_set_computes_once_across_processes,
+    a_failed_lease_holder_hands_over,
     burst_of_500_tasks_all_succeed,
     closed_client_refuses_calls,
     health_reports_the_backend,
@@ -401,4 +403,82 @@ async fn health_reports_the_backend(client: &Client) {
         rediskit::BackendKind::Redis
     };
     assert_eq!(health.backend, expected);
+}
+
+/// Two caches over one backend stand for two processes (each has its own in-process single
+/// flight): 2 × 50 concurrent `get_or_set` calls of one cold key compute it once in all, through
+/// the Redis lease, and every caller gets the value.
+async fn get_or_set_computes_once_across_processes(client: &Client) {
+    let processes = [Cache::new(client), Cache::new(client)];
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for cache in &processes {
+        for _ in 0..50 {
+            let cache = cache.clone();
+            let runs = runs.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .try_get_or_set("fleet-cold", ttl::SHORT, || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, rediskit::Error>(profile(5))
+                    })
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut misses = 0;
+    for task in tasks {
+        let lookup = task.await.unwrap();
+        assert_eq!(lookup.value, profile(5));
+        misses += usize::from(lookup.status == CacheStatus::Miss);
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "computed once across both processes"
+    );
+    assert_eq!(misses, 1);
+    let listed: Vec<String> = processes[0].keys("").try_collect().await.unwrap();
+    assert_eq!(
+        listed,
+        vec!["fleet-cold".to_string()],
+        "leases never show in listings"
+    );
+}
+
+/// When the process holding the lease fails, another one computes: waiting ends as soon as the
+/// lease is released, not at its expiry.
+async fn a_failed_lease_holder_hands_over(client: &Client) {
+    let first = Cache::builder(client)
+        .lease_ttl(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let second = Cache::builder(client)
+        .lease_ttl(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let failing = tokio::spawn(async move {
+        first
+            .try_get_or_set("handover", ttl::SHORT, || async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Err::<i32, rediskit::Error>(rediskit::Error::new(ErrorKind::Backend, "boom"))
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let started = std::time::Instant::now();
+    let value = second
+        .get_or_set("handover", ttl::SHORT, || async { 11 })
+        .await
+        .unwrap();
+    assert_eq!(value, 11);
+    assert!(failing.await.unwrap().is_err());
+    // A bound on waiting, far below the 30 s lease: the release ended the wait.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
