@@ -64,56 +64,18 @@ impl RedisServer {
         )
     }
 
-    /// Launches the process on `self.port` and waits until it answers; false if it exited.
+    /// Launches the process on `self.port` and waits until it answers; false if the port was
+    /// taken.
     fn spawn(&mut self) -> bool {
-        let log = self.dir.path().join("redis.log");
-        let child = Command::new("redis-server")
-            .arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed (or not on PATH), and rediskit's tests need a \
-                 real one. Install it: `apt-get install redis-server` on Debian/Ubuntu, \
-                 `brew install redis` on macOS. `.ci/run` installs it automatically."
-            ),
-            Err(err) => panic!("cannot start redis-server: {err}"),
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                if log.contains("Address already in use") {
-                    return false;
-                }
-                panic!("redis-server exited with {status}: {stderr}\n{log}");
-            }
-            if self.ping() {
+        let mut args: Vec<std::ffi::OsString> = vec!["--port".into(), self.port.to_string().into()];
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(Into::into));
+        args.extend(self.args.iter().map(Into::into));
+        match launch(self.dir.path(), &args, || self.ping()) {
+            Some(child) => {
                 self.child = Some(child);
-                return true;
+                true
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "redis-server on port {} did not answer PING within 10 s",
-                    self.port
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+            None => false,
         }
     }
 
@@ -193,6 +155,62 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Starts `redis-server` with `args` (plus `--dir` and `--logfile` in `dir`) and waits until
+/// `ready()` says it answers. `None` when the port was taken (the caller retries on another);
+/// any other failure panics with the server's output, as does a missing `redis-server`.
+pub(crate) fn launch(
+    dir: &Path,
+    args: &[std::ffi::OsString],
+    ready: impl Fn() -> bool,
+) -> Option<Child> {
+    let log = dir.join("redis.log");
+    let child = Command::new("redis-server")
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed (or not on PATH), and rediskit's tests need a \
+             real one. Install it: `apt-get install redis-server` on Debian/Ubuntu, \
+             `brew install redis` on macOS. `.ci/run` installs it automatically."
+        ),
+        Err(err) => panic!("cannot start redis-server: {err}"),
+    };
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            if log.contains("Address already in use") {
+                return None;
+            }
+            panic!("redis-server exited with {status}: {stderr}\n{log}");
+        }
+        if ready() {
+            return Some(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "redis-server ({args:?}) did not answer within {READY_TIMEOUT:?}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

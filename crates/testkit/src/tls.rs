@@ -6,13 +6,8 @@
 //! `PING`, which a TLS-only server never answers; [`TlsRedisServer`] asks `redis-cli --tls`
 //! instead, so this crate needs no TLS stack of its own.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-/// How long a server gets to start answering `PING` over TLS.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Certificates valid for this many days: tests need minutes, a day spares clock-skew surprises.
 const DAYS: &str = "2";
@@ -232,64 +227,32 @@ impl TlsRedisServer {
     /// Launches the process on `self.port` and waits until it answers; false if the port was
     /// taken.
     fn spawn(&mut self) -> bool {
-        let log = self.dir.path().join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port"])
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--tls-cert-file")
-            .arg(self.certs.server_cert_file())
-            .arg("--tls-key-file")
-            .arg(self.certs.server_key_file())
-            .arg("--tls-ca-cert-file")
-            .arg(self.certs.ca_file())
-            .args(["--tls-auth-clients", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed (or not on PATH), and rediskit's tests need a \
-                 real one. Install it: `apt-get install redis-server` on Debian/Ubuntu, \
-                 `brew install redis` on macOS. `.ci/run` installs it automatically."
-            ),
-            Err(err) => panic!("cannot start redis-server: {err}"),
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                if log.contains("Address already in use") {
-                    return false;
-                }
-                panic!("redis-server (TLS) exited with {status}: {stderr}\n{log}");
-            }
-            // Any reply means the server is up; with `requirepass` it answers NOAUTH.
-            if !self.cli_output(&["PING"]).stdout.is_empty() {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            self.port.to_string().into(),
+        ];
+        args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(Into::into));
+        args.extend([
+            "--tls-cert-file".into(),
+            self.certs.server_cert_file().into(),
+            "--tls-key-file".into(),
+            self.certs.server_key_file().into(),
+            "--tls-ca-cert-file".into(),
+            self.certs.ca_file().into(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]);
+        args.extend(self.args.iter().map(Into::into));
+        // Any reply means the server is up; with `requirepass` it answers NOAUTH.
+        let ready = || !self.cli_output(&["PING"]).stdout.is_empty();
+        match crate::launch(self.dir.path(), &args, ready) {
+            Some(child) => {
                 self.child = Some(child);
-                return true;
+                true
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "redis-server on TLS port {} did not answer PING within 10 s: {}",
-                    self.port,
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            None => false,
         }
     }
 
