@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, LazyLock};
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::RngCore;
 use rediskit::Client;
 use serde::{Deserialize, Serialize};
@@ -62,14 +62,15 @@ pub struct Users {
     hasher: Arc<Hasher>,
 }
 
-type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 /// A fixed pool of threads for argon2id, one per core, fed through a bounded queue.
 ///
-/// Why not `spawn_blocking`: each argon2id call allocates 19 MiB, and tokio's blocking pool
-/// grows to hundreds of threads under a login burst; every thread's allocator arena keeps its
-/// freed blocks, so the process grew by over a gigabyte in the soak run. A fixed pool bounds both
-/// the memory (cores × 19 MiB) and the CPU that logins can take, and a full queue answers
+/// Why: each argon2id call needs 19 MiB of working memory. Allocated per call on tokio's
+/// blocking pool (which grows to hundreds of threads under a login burst), the allocator kept the
+/// freed blocks and the process grew by over a gigabyte in the soak run. Here each thread owns
+/// one working buffer, reused by every hash and verification, so memory is bounded by
+/// cores × 19 MiB, the CPU logins can take is bounded by the cores, and a full queue answers
 /// "busy" (503) instead of queueing without end.
 #[derive(Debug)]
 struct Hasher {
@@ -86,7 +87,7 @@ impl Hasher {
             let spawned = std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
                 .spawn(move || {
-                    let argon2 = Argon2::default();
+                    let mut worker = Worker::default();
                     loop {
                         // The lock is held only to take a job, not while hashing.
                         let job = match queue.lock() {
@@ -94,7 +95,7 @@ impl Hasher {
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(&argon2),
+                            Ok(job) => job(&mut worker),
                             // Every sender is gone: the store was dropped.
                             Err(_) => return,
                         }
@@ -110,7 +111,7 @@ impl Hasher {
     /// Runs `f` on a hashing thread; `Busy` when the queue is full.
     async fn run<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Argon2<'static>) -> R + Send + 'static,
+        f: impl FnOnce(&mut Worker) -> R + Send + 'static,
     ) -> Result<R, UserError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
@@ -127,17 +128,82 @@ impl Hasher {
 static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
     let mut password = [0u8; 16];
     rand::rng().fill_bytes(&mut password);
-    hash_password(&Argon2::default(), &password).unwrap_or_default()
+    Worker::default().hash(&password).unwrap_or_default()
 });
 
-fn hash_password(argon2: &Argon2<'_>, password: &[u8]) -> Result<String, String> {
-    let mut salt = [0u8; 16];
-    rand::rng().fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(|err| err.to_string())?;
-    argon2
-        .hash_password(password, &salt)
-        .map(|hash| hash.to_string())
-        .map_err(|err| err.to_string())
+/// Largest argon2 memory cost accepted from a stored hash (KiB): a damaged record can't make a
+/// verification allocate without bound.
+const MAX_M_COST: u32 = 256 * 1024;
+
+/// One hashing thread's state: the argon2 working memory, kept between calls.
+#[derive(Default)]
+struct Worker {
+    blocks: Vec<Block>,
+}
+
+impl Worker {
+    fn blocks(&mut self, params: &Params) -> &mut [Block] {
+        let count = params.block_count();
+        if self.blocks.len() != count {
+            self.blocks = vec![Block::default(); count];
+        }
+        &mut self.blocks
+    }
+
+    /// An argon2id PHC string (`$argon2id$v=19$m=19456,t=2,p=1$salt$hash`) of `password`.
+    fn hash(&mut self, password: &[u8]) -> Result<String, String> {
+        let params = Params::default();
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        let salt_string = SaltString::encode_b64(&salt).map_err(|err| err.to_string())?;
+        let blocks = self.blocks(&params);
+        let output = Output::init_with(Params::DEFAULT_OUTPUT_LEN, |out| {
+            Ok(argon2.hash_password_into_with_memory(password, &salt, out, &mut *blocks)?)
+        })
+        .map_err(|err| err.to_string())?;
+        let phc = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&params).map_err(|err| err.to_string())?,
+            salt: Some(salt_string.as_salt()),
+            hash: Some(output),
+        };
+        Ok(phc.to_string())
+    }
+
+    /// Whether `password` matches the PHC string `stored` (compared in constant time).
+    fn verify(&mut self, stored: &str, password: &[u8]) -> bool {
+        let Ok(parsed) = PasswordHash::new(stored) else {
+            return false;
+        };
+        let (Ok(params), Ok(algorithm), Some(expected)) = (
+            Params::try_from(&parsed),
+            Algorithm::try_from(parsed.algorithm),
+            parsed.hash,
+        ) else {
+            return false;
+        };
+        let version = match parsed.version.map(Version::try_from) {
+            None => Version::default(),
+            Some(Ok(version)) => version,
+            Some(Err(_)) => return false,
+        };
+        let mut salt = [0u8; 64];
+        let Some(salt) = parsed.salt.and_then(|s| s.decode_b64(&mut salt).ok()) else {
+            return false;
+        };
+        if params.m_cost() > MAX_M_COST {
+            return false;
+        }
+        let argon2 = Argon2::new(algorithm, version, params.clone());
+        let blocks = self.blocks(&params);
+        Output::init_with(expected.len(), |out| {
+            Ok(argon2.hash_password_into_with_memory(password, salt, out, &mut *blocks)?)
+        })
+        // `Output`'s equality is constant-time.
+        .is_ok_and(|computed| computed == expected)
+    }
 }
 
 /// Checks a user name: 1–64 characters of `A-Z a-z 0-9 _ . @ -`.
@@ -196,7 +262,7 @@ impl Users {
         let password = password.to_owned();
         let hash = self
             .hasher
-            .run(move |argon2| hash_password(argon2, password.as_bytes()))
+            .run(move |worker| worker.hash(password.as_bytes()))
             .await?
             .map_err(UserError::Corrupted)?;
         let mut id = [0u8; 12];
@@ -245,11 +311,7 @@ impl Users {
         let password = password.to_owned();
         let matches = self
             .hasher
-            .run(move |argon2| {
-                PasswordHash::new(&hash)
-                    .map(|parsed| argon2.verify_password(password.as_bytes(), &parsed).is_ok())
-                    .unwrap_or(false)
-            })
+            .run(move |worker| worker.verify(&hash, password.as_bytes()))
             .await?;
         match user {
             Some(user) if matches => Ok(user),
@@ -274,6 +336,41 @@ mod tests {
         assert!(check_password(&"p".repeat(256)).is_ok());
         assert!(check_password("1234567").is_err());
         assert!(check_password(&"p".repeat(257)).is_err());
+    }
+
+    /// The reusable-buffer hasher writes standard argon2id PHC strings: the argon2 crate's own
+    /// verifier accepts ours, ours accepts its, and wrong passwords fail both ways.
+    #[test]
+    fn hashes_are_standard_phc() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let mut worker = Worker::default();
+        let ours = worker.hash(b"correct horse").unwrap();
+        assert!(
+            ours.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{ours}"
+        );
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(
+            Argon2::default()
+                .verify_password(b"correct horse", &parsed)
+                .is_ok()
+        );
+        assert!(
+            Argon2::default()
+                .verify_password(b"wrong horse", &parsed)
+                .is_err()
+        );
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let theirs = Argon2::default()
+            .hash_password(b"battery", &salt)
+            .unwrap()
+            .to_string();
+        assert!(worker.verify(&theirs, b"battery"));
+        assert!(!worker.verify(&theirs, b"staple"));
+        assert!(!worker.verify("not a phc string", b"battery"));
+        // A stored hash asking for absurd memory is refused, not allocated.
+        let greedy = theirs.replace("m=19456", "m=4000000");
+        assert!(!worker.verify(&greedy, b"battery"));
     }
 
     /// Registration is case-insensitively unique, the password verifies, and unknown users and
