@@ -11,8 +11,10 @@
 //! - `error` — problem documents and the JSON extractor whose rejections are problem documents.
 //! - `telemetry` — logs, Prometheus metrics, the request-tracking middleware.
 //! - `openapi` — the generated OpenAPI 3 document.
+//! - `bench` — `rediskit bench`: throughput and latency of the library against a real Redis.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod openapi;

@@ -40,6 +40,12 @@ enum Command {
     /// Read, delete or list the service's cache entries (namespace `api` by default).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Measure rediskit's throughput and latency against the Redis at --url.
+    ///
+    /// Runs each workload (cache, sessions, rate limit, and the bare client as the baseline)
+    /// over many tasks and prints ops/s, p50 and p99. Writes only under a key prefix of its own
+    /// and deletes it afterwards (SCAN + DEL), so a shared server is safe. See docs/benchmarks.md.
+    Bench(rediskit_server::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +105,13 @@ enum CacheCommand {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     rediskit_server::telemetry::init_logs();
+    // The benchmark takes its own --url: the service's configuration must not stop it.
+    if let Some(Command::Bench(args)) = cli.command {
+        return match rediskit_server::bench::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(err),
+        };
+    }
     let mut config = match ServiceConfig::from_env() {
         Ok(config) => config,
         Err(err) => return fail(err),
@@ -129,6 +142,7 @@ async fn main() -> ExitCode {
             Ok(client) => cache(&client, command).await,
             Err(err) => fail(err),
         },
+        Command::Bench(_) => unreachable!("`bench` returned above, before the configuration"),
     }
 }
 
