@@ -225,24 +225,7 @@ fn check(args: &BenchArgs) -> Result<(), String> {
 
 /// Resolves on SIGINT or SIGTERM, so a stopped run still deletes its keys.
 async fn interrupted() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
-    }
+    crate::stop_signal().await;
     eprintln!("rediskit bench: interrupted; deleting the run's keys");
 }
 

@@ -263,6 +263,12 @@ pub async fn serve(config: ServiceConfig) -> Result<(), String> {
 }
 
 async fn shutdown_signal() {
+    stop_signal().await;
+    tracing::info!("signal received: finishing requests in flight");
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn stop_signal() {
     let interrupt = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -281,5 +287,4 @@ async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
-    tracing::info!("signal received: finishing requests in flight");
 }
