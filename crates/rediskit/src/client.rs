@@ -790,8 +790,9 @@ impl Pool {
         })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
-            // Our own deadline wraps every call; this one also stops the connection's own wait.
-            .set_response_timeout(Some(config.command_timeout))
+            // No second timer: `run_on` bounds every call with the command deadline already, and a
+            // reply that comes after it is discarded by the multiplexed connection.
+            .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(config.connect_timeout);
