@@ -3,8 +3,21 @@
 //!
 //! Tests never touch the machine's shared Redis on 6379. A missing `redis-server` binary is a
 //! test failure with instructions, not a silent skip.
+//!
+//! # Layout
+//!
+//! - The crate root: [`RedisServer`], one standalone server, and [`free_port`].
+//! - [`tls`]: a TLS-only server with a throwaway certificate authority.
+//! - [`proxy`]: a fault-injecting TCP proxy to put between a client and a server.
+//! - [`cluster`]: a Redis Cluster of three primaries and three replicas.
+//! - [`sentinel`]: a primary, a replica and three sentinels watching them.
+//! - `node` (private): one process of those topologies, restarted on another port if its own
+//!   is taken.
 
+pub mod cluster;
+mod node;
 pub mod proxy;
+pub mod sentinel;
 
 use std::io::Read;
 use std::net::TcpListener;
