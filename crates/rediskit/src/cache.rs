@@ -350,7 +350,9 @@ impl Cache {
         Ok(out)
     }
 
-    /// Stores several values with one TTL, atomically (all or none), in one round trip.
+    /// Stores several values with one TTL, atomically (all or none), in one round trip. On Redis
+    /// Cluster a transaction cannot span hash slots: the values are written in one transaction
+    /// per slot, concurrently, so a failure can leave some slots written and others not.
     pub async fn set_many<T: Serialize>(
         &self,
         items: &[(impl AsRef<str>, T)],

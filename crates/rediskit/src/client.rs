@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::Stream;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::{Config, Scheme, redact_url};
@@ -22,14 +23,22 @@ pub enum BackendKind {
     /// The embedded in-process store of `memory://`: for development and single-process use only;
     /// nothing is shared between processes and nothing survives a restart.
     Memory,
+    /// A Redis Cluster ([`Config::cluster_nodes`]): commands go to the node owning their key's
+    /// slot, and the handle follows resharding and failovers.
+    Cluster,
+    /// A primary found through Redis Sentinel ([`Config::sentinel_nodes`]): after a failover the
+    /// handle follows the sentinels to the promoted replica.
+    Sentinel,
 }
 
 impl BackendKind {
-    /// The name used in health reports: `"redis"` or `"memory"`.
+    /// The name used in health reports: `"redis"`, `"cluster"`, `"sentinel"` or `"memory"`.
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Redis => "redis",
             BackendKind::Memory => "memory",
+            BackendKind::Cluster => "cluster",
+            BackendKind::Sentinel => "sentinel",
         }
     }
 }
@@ -124,7 +133,14 @@ impl std::fmt::Debug for Client {
 struct Inner {
     config: Config,
     kind: BackendKind,
+    /// The connections; `None` once closed, and for Sentinel until the primary is first found.
     redis: ArcSwapOption<Pool>,
+    /// Serializes looking the primary up through the sentinels.
+    sentinel_lookup: tokio::sync::Mutex<()>,
+    /// A task is following the sentinels to a new primary.
+    following: AtomicBool,
+    /// Sentinel lookups finished, so callers queued behind a failed one can tell.
+    lookups: AtomicU64,
     memory: Option<MemoryStore>,
     closed: AtomicBool,
     commands: AtomicU64,
@@ -198,14 +214,55 @@ impl Drop for Inner {
     }
 }
 
+/// One pooled connection: a managed connection to one server, or a cluster connection that
+/// sends each command to the node owning its key's slot. Both multiplex.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(connection) => connection.req_packed_command(cmd),
+            Conn::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(connection) => connection.get_db(),
+            Conn::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
 /// The Redis connections. Each slot counts its in-flight commands for the pool figures.
 struct Pool {
     connections: Box<[Slot]>,
     next: AtomicUsize,
+    /// The server this pool talks to, for Sentinel (to notice that the primary moved).
+    address: Option<(String, u16)>,
 }
 
 struct Slot {
-    connection: ConnectionManager,
+    connection: Conn,
     in_flight: AtomicUsize,
 }
 
@@ -231,8 +288,16 @@ impl Client {
     /// Use [`Client::connect_lazy`] to start while Redis is down.
     pub async fn connect(config: Config) -> Result<Self> {
         let client = Self::connect_lazy(config)?;
-        if let Some(pool) = client.inner.redis.load_full() {
+        if client.inner.kind != BackendKind::Memory {
             let deadline = client.inner.config.connect_timeout;
+            let pool = client.pool().await.map_err(|err| {
+                let url = redact_url(&client.inner.config.url);
+                Error::new(
+                    err.kind(),
+                    format!("cannot reach Redis at {url}: {}", err.message()),
+                )
+                .with_source(err)
+            })?;
             let pings = pool.connections.iter().map(|slot| {
                 let mut connection = slot.connection.clone();
                 async move {
@@ -270,13 +335,27 @@ impl Client {
             Scheme::Memory => (BackendKind::Memory, None, Some(MemoryStore::new())),
             Scheme::Redis => (
                 BackendKind::Redis,
-                Some(Arc::new(Pool::new(&config)?)),
+                Some(Arc::new(Pool::standalone(
+                    &config,
+                    config.connection_info()?,
+                    None,
+                )?)),
                 None,
             ),
+            Scheme::Cluster => (
+                BackendKind::Cluster,
+                Some(Arc::new(Pool::cluster(&config)?)),
+                None,
+            ),
+            // The primary's address comes from the sentinels, on first use.
+            Scheme::Sentinel => (BackendKind::Sentinel, None, None),
         };
         let inner = Arc::new(Inner {
             kind,
             redis: ArcSwapOption::new(redis),
+            sentinel_lookup: tokio::sync::Mutex::new(()),
+            following: AtomicBool::new(false),
+            lookups: AtomicU64::new(0),
             memory,
             closed: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -296,7 +375,7 @@ impl Client {
             );
         }
         let interval = inner.config.health_check_interval;
-        if kind == BackendKind::Redis && !interval.is_zero() {
+        if kind != BackendKind::Memory && !interval.is_zero() {
             let task = tokio::spawn(health_loop(Arc::downgrade(&inner), interval));
             if let Ok(mut slot) = inner.health_task.lock() {
                 *slot = Some(task);
@@ -402,15 +481,28 @@ impl Client {
                 Ok(Duration::ZERO)
             };
         }
-        let Some(pool) = self.inner.redis.load_full() else {
-            return Err(Error::closed());
-        };
+        let pool = self.pool().await?;
         let pings = (0..pool.connections.len()).map(|index| {
             let pool = pool.clone();
             async move {
                 let started = Instant::now();
-                self.run_on(&pool, index, "PING", |mut c| async move {
-                    redis::cmd("PING").query_async::<()>(&mut c).await
+                self.run_on(&pool, index, "PING", |c| async move {
+                    match c {
+                        // Every primary must answer; a replica that is down is not an outage.
+                        Conn::Cluster(mut c) => {
+                            use redis::cluster_routing::{
+                                MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                            };
+                            let routing = RoutingInfo::MultiNode((
+                                MultipleNodeRoutingInfo::AllMasters,
+                                Some(ResponsePolicy::AllSucceeded),
+                            ));
+                            c.route_command(redis::cmd("PING"), routing)
+                                .await
+                                .map(|_| ())
+                        }
+                        mut c => redis::cmd("PING").query_async::<()>(&mut c).await,
+                    }
                 })
                 .await
                 .map(|()| started.elapsed())
@@ -427,12 +519,10 @@ impl Client {
     /// command deadline, counting it. The memory backend never gets here.
     pub(crate) async fn run<T, F, Fut>(&self, what: &'static str, call: F) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let Some(pool) = self.inner.redis.load_full() else {
-            return Err(Error::closed());
-        };
+        let pool = self.pool().await?;
         let admission = self.inner.breaker.admit().map_err(|left| {
             Error::new(
                 ErrorKind::Unavailable,
@@ -450,7 +540,111 @@ impl Client {
         if admission.finish(!failed) {
             self.spawn_recovery();
         }
+        if self.inner.kind == BackendKind::Sentinel
+            && let Err(err) = &result
+            && (failed || err.is_read_only())
+        {
+            self.follow_primary();
+        }
         result
+    }
+
+    /// The connections. For Sentinel, the first call asks the sentinels where the primary is
+    /// (bounded by the connect timeout); callers that queued behind a failed lookup share its
+    /// error instead of each asking again.
+    async fn pool(&self) -> Result<Arc<Pool>> {
+        if self.is_closed() {
+            return Err(Error::closed());
+        }
+        if let Some(pool) = self.inner.redis.load_full() {
+            return Ok(pool);
+        }
+        if self.inner.kind != BackendKind::Sentinel {
+            return Err(Error::closed());
+        }
+        let attempt = self.inner.lookups.load(Ordering::Acquire);
+        let _lookup = self.inner.sentinel_lookup.lock().await;
+        if let Some(pool) = self.inner.redis.load_full() {
+            return Ok(pool);
+        }
+        if self.inner.lookups.load(Ordering::Acquire) != attempt {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "the sentinels did not name a reachable primary (see the previous error)",
+            ));
+        }
+        let found = find_primary(&self.inner.config).await;
+        self.inner.lookups.fetch_add(1, Ordering::AcqRel);
+        let (host, port) = found?;
+        let config = &self.inner.config;
+        let info = config.connection_info_at(host.clone(), port)?;
+        let pool = Arc::new(Pool::standalone(config, info, Some((host, port)))?);
+        if self.is_closed() {
+            return Err(Error::closed());
+        }
+        self.inner.redis.store(Some(pool.clone()));
+        Ok(pool)
+    }
+
+    /// After a Sentinel-managed primary failed (or answered `READONLY`, having been demoted): ask
+    /// the sentinels again until they name a primary that answers, and move the pool there.
+    fn follow_primary(&self) {
+        if self.inner.following.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let client = Client { inner };
+                if client.is_closed() || client.follow_once().await {
+                    client.inner.following.store(false, Ordering::Release);
+                    return;
+                }
+                drop(client);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+        });
+    }
+
+    /// One step of [`Client::follow_primary`]: true once the pool talks to a working primary.
+    async fn follow_once(&self) -> bool {
+        let Ok(primary) = find_primary(&self.inner.config).await else {
+            return false;
+        };
+        let current = self.inner.redis.load_full();
+        if current.as_ref().and_then(|pool| pool.address.as_ref()) == Some(&primary) {
+            return self.ping_all().await.is_ok();
+        }
+        let config = &self.inner.config;
+        let (host, port) = primary.clone();
+        let pool = match config
+            .connection_info_at(host, port)
+            .and_then(|info| Pool::standalone(config, info, Some(primary.clone())))
+        {
+            Ok(pool) => Arc::new(pool),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot connect to the primary the sentinels named");
+                return false;
+            }
+        };
+        self.inner.redis.store(Some(pool));
+        if self.is_closed() {
+            self.inner.redis.store(None);
+            return true;
+        }
+        tracing::warn!(
+            primary = %format!("{}:{}", primary.0, primary.1),
+            "the sentinels promoted a new primary; rediskit now talks to it"
+        );
+        if self.ping_all().await.is_ok() {
+            self.inner.breaker.close();
+            true
+        } else {
+            false
+        }
     }
 
     /// After the circuit opens: PING every connection until all answer, then close it. A pooled
@@ -488,7 +682,7 @@ impl Client {
         call: F,
     ) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         if self.is_closed() {
@@ -638,17 +832,37 @@ impl Client {
             memory.set_many(items, ttl);
             return Ok(());
         }
+        if self.inner.kind != BackendKind::Cluster {
+            return self.mset_atomic(items.iter(), ttl_ms).await;
+        }
+        // A transaction cannot span slots: one per slot, sent concurrently.
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<&(String, Vec<u8>)>> =
+            std::collections::BTreeMap::new();
+        for item in items {
+            by_slot.entry(key_slot(&item.0)).or_default().push(item);
+        }
+        let writes = by_slot
+            .into_values()
+            .map(|group| self.mset_atomic(group.into_iter(), ttl_ms));
+        futures_util::future::try_join_all(writes).await.map(|_| ())
+    }
+
+    async fn mset_atomic<'a>(
+        &self,
+        items: impl Iterator<Item = &'a (String, Vec<u8>)>,
+        ttl_ms: u64,
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (key, value) in items {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .ignore();
+        }
         self.run("MULTI SET", |mut c| async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for (key, value) in items {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .ignore();
-            }
             pipe.query_async::<()>(&mut c).await
         })
         .await
@@ -712,8 +926,9 @@ impl Client {
     }
 
     /// Streams the keys matching the glob `pattern`, page by page with `SCAN` (never `KEYS`);
-    /// each page is one command under the deadline. A key may appear twice if the keyspace is
-    /// resized while scanning, as `SCAN` guarantees no better.
+    /// each page is one command under the deadline. On a cluster it scans every primary in turn.
+    /// A key may appear twice if the keyspace is resized (or a slot migrates) while scanning, as
+    /// `SCAN` guarantees no better.
     pub(crate) fn scan(
         &self,
         pattern: String,
@@ -721,7 +936,12 @@ impl Client {
         const PAGE: usize = 500;
         enum State {
             Start,
-            Cursor(u64),
+            /// Scanning `nodes[node]` (`None`: the one server) from `cursor`.
+            Scanning {
+                nodes: Arc<[Option<(String, u16)>]>,
+                node: usize,
+                cursor: u64,
+            },
             Done,
         }
         let client = self.clone();
@@ -729,30 +949,70 @@ impl Client {
             let client = client.clone();
             let pattern = pattern.clone();
             async move {
-                let cursor = match state {
+                let (nodes, node, cursor) = match state {
                     State::Done => return Ok::<_, Error>(None),
-                    State::Start => 0,
-                    State::Cursor(cursor) => cursor,
+                    State::Start => {
+                        if let Some(memory) = client.memory()? {
+                            return Ok(Some((memory.keys_matching(&pattern), State::Done)));
+                        }
+                        let nodes: Arc<[Option<(String, u16)>]> =
+                            if client.inner.kind == BackendKind::Cluster {
+                                client
+                                    .cluster_primaries()
+                                    .await?
+                                    .into_iter()
+                                    .map(Some)
+                                    .collect()
+                            } else {
+                                Arc::new([None])
+                            };
+                        (nodes, 0, 0)
+                    }
+                    State::Scanning {
+                        nodes,
+                        node,
+                        cursor,
+                    } => (nodes, node, cursor),
                 };
-                if let Some(memory) = client.memory()? {
-                    return Ok(Some((memory.keys_matching(&pattern), State::Done)));
-                }
+                let address = nodes.get(node).cloned().flatten();
+                let mut command = redis::cmd("SCAN");
+                command
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(PAGE);
                 let (next, keys): (u64, Vec<String>) = client
-                    .run("SCAN", |mut c| async move {
-                        redis::cmd("SCAN")
-                            .arg(cursor)
-                            .arg("MATCH")
-                            .arg(&pattern)
-                            .arg("COUNT")
-                            .arg(PAGE)
-                            .query_async(&mut c)
-                            .await
+                    .run("SCAN", |c| async move {
+                        match (c, address) {
+                            (Conn::Cluster(mut c), Some((host, port))) => {
+                                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                                let routing =
+                                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                        host,
+                                        port,
+                                    });
+                                let reply = c.route_command(command, routing).await?;
+                                Ok(redis::from_redis_value(reply)?)
+                            }
+                            (mut c, _) => command.query_async(&mut c).await,
+                        }
                     })
                     .await?;
-                let state = if next == 0 {
-                    State::Done
+                let state = if next != 0 {
+                    State::Scanning {
+                        nodes,
+                        node,
+                        cursor: next,
+                    }
+                } else if node + 1 < nodes.len() {
+                    State::Scanning {
+                        nodes,
+                        node: node + 1,
+                        cursor: 0,
+                    }
                 } else {
-                    State::Cursor(next)
+                    State::Done
                 };
                 Ok(Some((keys, state)))
             }
@@ -762,6 +1022,74 @@ impl Client {
             .map_ok(|keys| futures_util::stream::iter(keys.into_iter().map(Ok::<_, Error>)))
             .try_flatten()
     }
+
+    /// The addresses of the cluster's primaries that serve slots, from `CLUSTER NODES`.
+    async fn cluster_primaries(&self) -> Result<Vec<(String, u16)>> {
+        let text: String = self
+            .run("CLUSTER NODES", |mut c| async move {
+                redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await
+            })
+            .await?;
+        let primaries = parse_cluster_primaries(&text);
+        if primaries.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "the cluster reports no primary serving slots",
+            ));
+        }
+        Ok(primaries)
+    }
+}
+
+/// Primaries that serve at least one slot and are not failed, from `CLUSTER NODES` output:
+/// `<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...`.
+fn parse_cluster_primaries(text: &str) -> Vec<(String, u16)> {
+    let mut primaries = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 9 {
+            continue; // no slots
+        }
+        let flags: Vec<&str> = fields[2].split(',').collect();
+        if !flags.contains(&"master")
+            || flags
+                .iter()
+                .any(|f| matches!(*f, "fail" | "noaddr" | "handshake"))
+        {
+            continue;
+        }
+        // `ip:port@bus-port[,hostname]`: a node announcing a hostname is known by it (Redis 7's
+        // `cluster-preferred-endpoint-type hostname`), as the slot map names it.
+        let (address, hostname) = match fields[1].split_once(',') {
+            Some((address, hostname)) => (address, Some(hostname).filter(|h| !h.is_empty())),
+            None => (fields[1], None),
+        };
+        let address = address.split('@').next().unwrap_or_default();
+        if let Ok((host, port)) = crate::config::parse_node(address) {
+            primaries.push((hostname.map_or(host, str::to_owned), port));
+        }
+    }
+    primaries.sort();
+    primaries.dedup();
+    primaries
+}
+
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the first
+/// `{` and the next `}`, if not empty) or of the whole key, modulo 16384.
+pub(crate) fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
 }
 
 fn ttl_millis(ttl: Duration) -> u64 {
@@ -770,24 +1098,14 @@ fn ttl_millis(ttl: Duration) -> u64 {
 }
 
 impl Pool {
-    fn new(config: &Config) -> Result<Self> {
-        #[cfg(feature = "tls")]
-        {
-            // rediskit enables rustls with `ring`; install it unless the application chose one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let info = config.connection_info()?;
-        #[cfg(feature = "tls")]
-        let client = match config.tls_certificates()? {
-            // A private CA and/or a client certificate (mutual TLS), read from their PEM files.
-            Some(certificates) => redis::Client::build_with_tls(info, certificates),
-            None => redis::Client::open(info),
-        };
-        #[cfg(not(feature = "tls"))]
-        let client = redis::Client::open(info);
-        let client = client.map_err(|err| {
-            Error::config(format!("url `{}`: {err}", redact_url(&config.url))).with_source(err)
-        })?;
+    /// `max_connections` managed connections to one server (standalone, or the primary the
+    /// sentinels named, whose address is `address`).
+    fn standalone(
+        config: &Config,
+        info: redis::ConnectionInfo,
+        address: Option<(String, u16)>,
+    ) -> Result<Self> {
+        let client = redis_client(config, info)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             // No second timer: `run_on` bounds every call with the command deadline already, and a
@@ -800,7 +1118,7 @@ impl Pool {
             .map(|_| {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                     .map(|connection| Slot {
-                        connection,
+                        connection: Conn::Single(connection),
                         in_flight: AtomicUsize::new(0),
                     })
                     .map_err(Error::from)
@@ -809,8 +1127,149 @@ impl Pool {
         Ok(Self {
             connections: connections.into_boxed_slice(),
             next: AtomicUsize::new(0),
+            address,
         })
     }
+
+    /// `max_connections` cluster connections, each multiplexing one connection per node. They
+    /// connect in the background, learn the slot map from the seeds, and follow `MOVED`, `ASK`
+    /// and failovers by themselves.
+    fn cluster(config: &Config) -> Result<Self> {
+        install_crypto_provider();
+        let seeds = config
+            .cluster_nodes
+            .iter()
+            .map(|node| config.node_connection_info(node))
+            .collect::<Result<Vec<_>>>()?;
+        let settings = config.connection_info()?.redis_settings().clone();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.command_timeout)
+            .retries(3)
+            .min_retry_wait(20)
+            .max_retry_wait(config.command_timeout.as_millis().max(1) as u64);
+        if let Some(username) = settings.username() {
+            builder = builder.username(username);
+        }
+        if let Some(password) = settings.password() {
+            builder = builder.password(password);
+        }
+        #[cfg(feature = "tls")]
+        if config.url.trim().starts_with("rediss://") {
+            builder = builder.tls(redis::TlsMode::Secure);
+            if let Some(certificates) = config.tls_certificates()? {
+                builder = builder.certs(certificates);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|err| Error::config(format!("cluster_nodes: {err}")).with_source(err))?;
+        let cluster_config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(config.connect_timeout)
+            .set_response_timeout(config.command_timeout);
+        let connections = (0..config.max_connections)
+            .map(|_| Slot {
+                connection: Conn::Cluster(
+                    client.get_pending_async_connection_with_config(cluster_config.clone()),
+                ),
+                in_flight: AtomicUsize::new(0),
+            })
+            .collect::<Vec<_>>();
+        Ok(Self {
+            connections: connections.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+            address: None,
+        })
+    }
+}
+
+fn install_crypto_provider() {
+    #[cfg(feature = "tls")]
+    {
+        // rediskit enables rustls with `ring`; install it unless the application chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// A redis crate client for `info`, with the configured TLS certificates.
+fn redis_client(config: &Config, info: redis::ConnectionInfo) -> Result<redis::Client> {
+    install_crypto_provider();
+    #[cfg(feature = "tls")]
+    let client = match config.tls_certificates()? {
+        // A private CA and/or a client certificate (mutual TLS), read from their PEM files.
+        Some(certificates) => redis::Client::build_with_tls(info, certificates),
+        None => redis::Client::open(info),
+    };
+    #[cfg(not(feature = "tls"))]
+    let client = redis::Client::open(info);
+    client.map_err(|err| {
+        Error::config(format!("url `{}`: {err}", redact_url(&config.url))).with_source(err)
+    })
+}
+
+/// Asks the sentinels, in order, where the primary [`Config::sentinel_master`] is, and checks
+/// that the server there says it is a primary (during a failover a sentinel may still name the
+/// old one). Each step is bounded by the connect timeout.
+async fn find_primary(config: &Config) -> Result<(String, u16)> {
+    let deadline = config.connect_timeout;
+    let name = config.sentinel_master.as_deref().unwrap_or_default();
+    let mut last = String::from("no sentinel configured");
+    for sentinel in &config.sentinel_nodes {
+        let (host, port) = crate::config::parse_node(sentinel)
+            .map_err(|why| Error::config(format!("sentinel_nodes: {why}")))?;
+        // Sentinels are asked without the data credentials, which they do not share.
+        let asked = tokio::time::timeout(deadline, async {
+            let client = redis::Client::open(redis::ConnectionAddr::Tcp(host, port))?;
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(name)
+                .query_async::<Option<(String, u16)>>(&mut connection)
+                .await
+        })
+        .await;
+        let (host, port) = match asked {
+            Ok(Ok(Some(address))) => address,
+            Ok(Ok(None)) => {
+                last = format!("sentinel {sentinel} does not know a primary named `{name}`");
+                continue;
+            }
+            Ok(Err(err)) => {
+                last = format!("sentinel {sentinel}: {err}");
+                continue;
+            }
+            Err(_) => {
+                last = format!("sentinel {sentinel} did not answer within {deadline:?}");
+                continue;
+            }
+        };
+        let client = redis_client(config, config.connection_info_at(host.clone(), port)?)?;
+        let role = tokio::time::timeout(deadline, async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("ROLE")
+                .query_async::<Vec<redis::Value>>(&mut connection)
+                .await
+        })
+        .await;
+        match role {
+            Ok(Ok(reply)) if matches!(reply.first(), Some(redis::Value::BulkString(role)) if role == b"master") =>
+            {
+                return Ok((host, port));
+            }
+            Ok(Ok(_)) => {
+                last =
+                    format!("{host}:{port}, named by sentinel {sentinel}, is not a primary (yet)")
+            }
+            Ok(Err(err)) => {
+                last = format!("primary {host}:{port}, named by sentinel {sentinel}: {err}")
+            }
+            Err(_) => last = format!("primary {host}:{port} did not answer within {deadline:?}"),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Unavailable,
+        format!("no primary `{name}` found through the sentinels: {last}"),
+    ))
 }
 
 /// Pings every connection each `interval` while the handle lives, so a dead connection is
@@ -828,6 +1287,9 @@ async fn health_loop(inner: std::sync::Weak<Inner>, interval: Duration) {
             return;
         }
         let health = client.health().await;
+        if !health.ok && client.inner.kind == BackendKind::Sentinel {
+            client.follow_primary();
+        }
         match (was_ok, health.ok) {
             (true, false) => tracing::warn!(
                 error = health.error.as_deref().unwrap_or_default(),
@@ -837,5 +1299,46 @@ async fn health_loop(inner: std::sync::Weak<Inner>, interval: Duration) {
             _ => {}
         }
         was_ok = health.ok;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots as Redis computes them (values from `CLUSTER KEYSLOT`), hash tags included.
+    #[test]
+    fn key_slots_match_redis() {
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("user1000"));
+        assert_eq!(key_slot("rk:s:{alice}"), key_slot("alice"));
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"));
+        assert_ne!(
+            key_slot("foo{}{bar}"),
+            key_slot("bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(key_slot("foo{{bar}}zap"), key_slot("{bar"));
+    }
+
+    /// Only live primaries with slots are scanned; hostnames win when announced.
+    #[test]
+    fn cluster_nodes_output_is_parsed() {
+        let text = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7002@17002,node-3 master - 0 0 3 connected 10923-16383
+d4 127.0.0.1:7003@17003 slave a1 0 0 1 connected
+e5 127.0.0.1:7004@17004 master,fail - 0 0 5 disconnected
+f6 :0@0 master,noaddr - 0 0 6 disconnected 1-2
+";
+        assert_eq!(
+            parse_cluster_primaries(text),
+            [
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001),
+                ("node-3".to_owned(), 7002)
+            ]
+        );
     }
 }

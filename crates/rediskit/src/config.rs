@@ -157,6 +157,19 @@ pub struct Config {
     /// PEM file of the private key of [`Config::tls_cert_file`]. Its contents are read when the
     /// client is built and never logged. Default: none.
     pub tls_key_file: Option<PathBuf>,
+    /// Seed nodes (`host:port`) of a Redis Cluster. When not empty rediskit talks to the cluster:
+    /// it learns every node from the seeds, follows `MOVED`/`ASK` redirections and failovers, and
+    /// [`Config::url`] only contributes its scheme (`rediss://` for TLS) and credentials; the
+    /// database must be 0. Default: empty (not a cluster).
+    pub cluster_nodes: Vec<String>,
+    /// Sentinels (`host:port`) to ask where the primary named [`Config::sentinel_master`] is.
+    /// When not empty rediskit connects to that primary and follows it to whichever replica the
+    /// sentinels promote; [`Config::url`] contributes its scheme, credentials and database.
+    /// Default: empty (no Sentinel).
+    pub sentinel_nodes: Vec<String>,
+    /// Name of the primary the sentinels monitor (`sentinel monitor <name> …`); required with
+    /// [`Config::sentinel_nodes`]. Default: none.
+    pub sentinel_master: Option<String>,
 }
 
 impl Default for Config {
@@ -176,6 +189,9 @@ impl Default for Config {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            cluster_nodes: Vec::new(),
+            sentinel_nodes: Vec::new(),
+            sentinel_master: None,
         }
     }
 }
@@ -198,6 +214,9 @@ impl fmt::Debug for Config {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("cluster_nodes", &self.cluster_nodes)
+            .field("sentinel_nodes", &self.sentinel_nodes)
+            .field("sentinel_master", &self.sentinel_master)
             .finish()
     }
 }
@@ -228,6 +247,8 @@ pub fn redact_url(url: &str) -> String {
 pub(crate) enum Scheme {
     Redis,
     Memory,
+    Cluster,
+    Sentinel,
 }
 
 impl Config {
@@ -262,6 +283,9 @@ impl Config {
     /// | `REDIS_BREAKER_COOLDOWN_MS` | how long an open circuit fails fast | 1000 |
     /// | `REDIS_TLS_CA_FILE` | PEM CA that signed the server's certificate (`rediss://` only) | system roots |
     /// | `REDIS_TLS_CERT_FILE`, `REDIS_TLS_KEY_FILE` | PEM client certificate and key for mutual TLS, both or neither | none |
+    /// | `REDIS_CLUSTER_NODES` | comma-separated `host:port` seeds of a Redis Cluster; wins over the URL's host | none |
+    /// | `REDIS_SENTINEL_NODES` | comma-separated `host:port` sentinels | none |
+    /// | `REDIS_SENTINEL_MASTER` | name of the primary the sentinels monitor | none |
     ///
     /// Empty variables count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -276,14 +300,24 @@ impl Config {
             })?;
         }
 
-        for name in ["REDIS_CLUSTER_NODES", "REDIS_SENTINEL_NODES"] {
-            if get(name).is_some() {
-                return Err(Error::config(format!(
-                    "{name} is set, but this version of rediskit does not support Redis Cluster \
-                     or Sentinel yet; unset it and point REDIS_URL at a standalone server"
-                )));
+        let list = |name: &str| -> Result<Vec<String>> {
+            let Some(text) = get(name) else {
+                return Ok(Vec::new());
+            };
+            let nodes: Vec<String> = text
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .map(str::to_owned)
+                .collect();
+            for node in &nodes {
+                parse_node(node).map_err(|why| Error::config(format!("{name}: {why}")))?;
             }
-        }
+            Ok(nodes)
+        };
+        config.cluster_nodes = list("REDIS_CLUSTER_NODES")?;
+        config.sentinel_nodes = list("REDIS_SENTINEL_NODES")?;
+        config.sentinel_master = get("REDIS_SENTINEL_MASTER").map(|name| name.trim().to_owned());
 
         config.url = match get("REDIS_URL") {
             Some(url) => {
@@ -368,6 +402,10 @@ impl Config {
         config.tls_key_file = get("REDIS_TLS_KEY_FILE").map(|path| PathBuf::from(path.trim()));
         config.check_tls(TlsNames::VARIABLES)?;
         config
+            .check_topology(TopologyNames::VARIABLES)
+            .map_err(Error::config)?;
+
+        config
             .validate()
             .map_err(|err| Error::config(format!("{} (from the environment)", err.message())))?;
         Ok(config)
@@ -396,6 +434,8 @@ impl Config {
         }
         crate::keys::check_prefix(&self.key_prefix)
             .map_err(|why| Error::config(format!("key_prefix: {why}")))?;
+        self.check_topology(TopologyNames::FIELDS)
+            .map_err(Error::config)?;
         if let Some(username) = &self.username
             && (username.is_empty()
                 || username
@@ -440,12 +480,112 @@ impl Config {
         Ok(())
     }
 
+    /// Cluster or Sentinel settings that contradict each other or the URL. `names` are the
+    /// field or variable names the errors mention.
+    fn check_topology(&self, names: TopologyNames) -> std::result::Result<(), String> {
+        for (name, nodes) in [
+            (names.cluster, &self.cluster_nodes),
+            (names.sentinels, &self.sentinel_nodes),
+        ] {
+            for node in nodes {
+                parse_node(node).map_err(|why| format!("{name}: {why}"))?;
+            }
+        }
+        let cluster = !self.cluster_nodes.is_empty();
+        let sentinel = !self.sentinel_nodes.is_empty();
+        if cluster && sentinel {
+            return Err(format!(
+                "{} and {}: a server is either a cluster or behind sentinels; set one of them",
+                names.cluster, names.sentinels
+            ));
+        }
+        match (&self.sentinel_master, sentinel) {
+            (None, true) => {
+                return Err(format!(
+                    "{}: the sentinels need the name of the primary they monitor; set {}",
+                    names.sentinels, names.master
+                ));
+            }
+            (Some(_), false) => {
+                return Err(format!(
+                    "{}: set, but {} is empty; name the sentinels too",
+                    names.master, names.sentinels
+                ));
+            }
+            (Some(master), true)
+                if master.is_empty()
+                    || master.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                return Err(format!(
+                    "{}: `{master}` is not a primary name (no spaces or control characters)",
+                    names.master
+                ));
+            }
+            _ => {}
+        }
+        if cluster || sentinel {
+            let what = if cluster {
+                names.cluster
+            } else {
+                names.sentinels
+            };
+            let url = self.url.trim();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(format!(
+                    "{what}: needs a `redis://` or `rediss://` URL for the scheme and credentials, \
+                     but the URL is `{}`",
+                    redact_url(url)
+                ));
+            }
+            if cluster
+                && let Ok(info) = redis::IntoConnectionInfo::into_connection_info(url)
+                && info.redis_settings().db() != 0
+            {
+                return Err(format!(
+                    "{what}: Redis Cluster has only database 0, but the URL selects database {}",
+                    info.redis_settings().db()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn scheme(&self) -> Scheme {
         if self.url.trim().starts_with("memory://") {
             Scheme::Memory
+        } else if !self.cluster_nodes.is_empty() {
+            Scheme::Cluster
+        } else if !self.sentinel_nodes.is_empty() {
+            Scheme::Sentinel
         } else {
             Scheme::Redis
         }
+    }
+
+    /// The connection details for one node (`host:port`) of a cluster or a sentinel-managed
+    /// primary: the URL's scheme, credentials and database, at that address.
+    pub(crate) fn node_connection_info(&self, node: &str) -> Result<redis::ConnectionInfo> {
+        let (host, port) = parse_node(node).map_err(|why| Error::config(format!("node: {why}")))?;
+        self.connection_info_at(host, port)
+    }
+
+    /// [`Config::connection_info`] moved to `host:port`.
+    pub(crate) fn connection_info_at(
+        &self,
+        host: String,
+        port: u16,
+    ) -> Result<redis::ConnectionInfo> {
+        let info = self.connection_info()?;
+        let addr = match info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        Ok(info.set_addr(addr))
     }
 
     /// The CA and client certificate for `redis::Client::build_with_tls`, read from their files;
@@ -540,6 +680,51 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
     url.into_connection_info()
         .map(|_| ())
         .map_err(|err| format!("`{}` is not a valid Redis URL: {err}", redact_url(url)))
+}
+
+/// Field and variable names of the Cluster and Sentinel settings, for error messages.
+#[derive(Clone, Copy)]
+struct TopologyNames {
+    cluster: &'static str,
+    sentinels: &'static str,
+    master: &'static str,
+}
+
+impl TopologyNames {
+    const FIELDS: Self = Self {
+        cluster: "cluster_nodes",
+        sentinels: "sentinel_nodes",
+        master: "sentinel_master",
+    };
+    const VARIABLES: Self = Self {
+        cluster: "REDIS_CLUSTER_NODES",
+        sentinels: "REDIS_SENTINEL_NODES",
+        master: "REDIS_SENTINEL_MASTER",
+    };
+}
+
+/// `host:port` (or `[v6]:port`) of a cluster node or a sentinel.
+pub(crate) fn parse_node(node: &str) -> std::result::Result<(String, u16), String> {
+    let node = node.trim();
+    let bad = || format!("`{node}` is not `host:port`");
+    let (host, port) = node.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty()
+        || host.contains(':') && !node.starts_with('[')
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@' | '?' | '#'))
+    {
+        return Err(bad());
+    }
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
 }
 
 /// Field and variable names of the TLS settings, for error messages.
@@ -699,6 +884,29 @@ impl ConfigBuilder {
         self
     }
 
+    /// A Redis Cluster, found through these seed nodes (`host:port`). See
+    /// [`Config::cluster_nodes`].
+    pub fn cluster_nodes<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.cluster_nodes = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A primary managed by Sentinel: the sentinels (`host:port`) and the name they know it by.
+    /// See [`Config::sentinel_nodes`].
+    pub fn sentinel<I, S>(mut self, sentinels: I, master: impl Into<String>) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.sentinel_nodes = sentinels.into_iter().map(Into::into).collect();
+        self.config.sentinel_master = Some(master.into());
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<Config> {
         self.config.validate()?;
@@ -799,7 +1007,32 @@ mod tests {
             ),
             (&[("REDIS_URL", "http://example.com")], "REDIS_URL"),
             (&[("REDIS_URL", "localhost:6379")], "REDIS_URL"),
-            (&[("REDIS_CLUSTER_NODES", "a:1,b:2")], "REDIS_CLUSTER_NODES"),
+            (&[("REDIS_CLUSTER_NODES", "a:1,b")], "REDIS_CLUSTER_NODES"),
+            (&[("REDIS_CLUSTER_NODES", "a:0")], "REDIS_CLUSTER_NODES"),
+            (
+                &[
+                    ("REDIS_CLUSTER_NODES", "a:1"),
+                    ("REDIS_URL", "redis://a:1/3"),
+                ],
+                "database 0",
+            ),
+            (
+                &[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_URL", "memory://")],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                &[("REDIS_SENTINEL_NODES", "s:26379")],
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (&[("REDIS_SENTINEL_MASTER", "m")], "REDIS_SENTINEL_NODES"),
+            (
+                &[
+                    ("REDIS_SENTINEL_NODES", "s:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_CLUSTER_NODES", "a:1"),
+                ],
+                "REDIS_CLUSTER_NODES",
+            ),
             (&[("REDIS_KEY_PREFIX", "has space")], "key_prefix"),
             (
                 &[("REDIS_BREAKER_THRESHOLD", "-1")],
@@ -818,6 +1051,55 @@ mod tests {
                 "error for {vars:?} should name {name}: {err}"
             );
         }
+    }
+
+    /// Cluster seeds and sentinels are read as lists; the URL still gives scheme and credentials.
+    #[test]
+    fn cluster_and_sentinel_variables() {
+        let config = from(&[
+            ("ENVIRONMENT", "production"),
+            ("REDIS_CLUSTER_NODES", " n1:7000, [::1]:7001 ,,n3:7002"),
+            ("REDIS_PASSWORD", "pw"),
+        ])
+        .unwrap();
+        assert_eq!(config.cluster_nodes, ["n1:7000", "[::1]:7001", "n3:7002"]);
+        assert!(matches!(config.scheme(), Scheme::Cluster));
+        let info = config.node_connection_info("[::1]:7001").unwrap();
+        assert_eq!(
+            info.addr(),
+            &redis::ConnectionAddr::Tcp("::1".to_owned(), 7001)
+        );
+        assert_eq!(info.redis_settings().password(), Some("pw"));
+
+        let config = from(&[
+            ("REDIS_SENTINEL_NODES", "s1:26379,s2:26380"),
+            ("REDIS_SENTINEL_MASTER", "primary"),
+            ("REDIS_URL", "redis://app:secret@ignored:1/2"),
+        ])
+        .unwrap();
+        assert_eq!(config.sentinel_nodes, ["s1:26379", "s2:26380"]);
+        assert_eq!(config.sentinel_master.as_deref(), Some("primary"));
+        assert!(matches!(config.scheme(), Scheme::Sentinel));
+        let info = config
+            .connection_info_at("10.0.0.5".to_owned(), 6380)
+            .unwrap();
+        assert_eq!(info.redis_settings().db(), 2);
+        assert_eq!(info.redis_settings().username(), Some("app"));
+        assert!(!format!("{config:?}").contains("secret"));
+
+        let built = Config::builder()
+            .cluster_nodes(["a:1", "b:2"])
+            .build()
+            .unwrap();
+        assert_eq!(built.cluster_nodes.len(), 2);
+        assert!(
+            Config::builder()
+                .sentinel(["s:1"], "bad name")
+                .build()
+                .unwrap_err()
+                .message()
+                .contains("sentinel_master")
+        );
     }
 
     /// The password never shows in `Debug`, whether it came from a variable or the URL.

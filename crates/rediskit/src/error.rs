@@ -115,6 +115,17 @@ impl Error {
         self.connection
     }
 
+    /// True when Redis answered `READONLY`: the server is a replica now (a failover demoted it),
+    /// so a Sentinel-managed handle should look for the new primary.
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.source
+            .as_ref()
+            .and_then(|source| source.downcast_ref::<redis::RedisError>())
+            .is_some_and(|err| {
+                err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+            })
+    }
+
     pub(crate) fn closed() -> Self {
         Self::new(ErrorKind::Closed, "the client was closed")
     }

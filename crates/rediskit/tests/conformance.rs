@@ -399,6 +399,8 @@ async fn health_reports_the_backend(client: &Client) {
     assert_eq!(health.pool.in_use + health.pool.idle, health.pool.max);
     let expected = if client.config().url == "memory://" {
         rediskit::BackendKind::Memory
+    } else if !client.config().cluster_nodes.is_empty() {
+        rediskit::BackendKind::Cluster
     } else {
         rediskit::BackendKind::Redis
     };

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use rediskit::{Client, Config};
 use rediskit_testkit::RedisServer;
+use rediskit_testkit::cluster::RedisCluster;
 
 /// A client and whatever keeps its backend alive.
 pub struct Backend {
     pub client: Client,
     pub server: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
 }
 
 impl Backend {
@@ -23,6 +25,25 @@ impl Backend {
         Self {
             client,
             server: Some(server),
+            cluster: None,
+        }
+    }
+
+    /// A fresh Redis Cluster of its own (3 primaries, 3 replicas), reached through its seeds.
+    pub async fn cluster() -> Self {
+        // A long node timeout: a loaded CI machine must not fail over in the middle of a case.
+        let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+            .await
+            .expect("start the cluster");
+        let mut config = config("redis://127.0.0.1:1/0");
+        config.cluster_nodes = cluster.seeds();
+        let client = Client::connect(config)
+            .await
+            .expect("connect to the cluster");
+        Self {
+            client,
+            server: None,
+            cluster: Some(cluster),
         }
     }
 
@@ -32,6 +53,7 @@ impl Backend {
         Self {
             client,
             server: None,
+            cluster: None,
         }
     }
 }
@@ -48,7 +70,7 @@ pub fn config(url: &str) -> Config {
 }
 
 /// Runs each named case (an `async fn(&Client)` in the calling file) against a fresh
-/// redis-server and a fresh `memory://` store.
+/// redis-server, a fresh Redis Cluster and a fresh `memory://` store.
 #[allow(unused_macros)]
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
@@ -57,6 +79,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let backend = crate::common::Backend::redis().await;
+                    super::$case(&backend.client).await;
+                }
+            )*
+        }
+        mod cluster_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = crate::common::Backend::cluster().await;
                     super::$case(&backend.client).await;
                 }
             )*
