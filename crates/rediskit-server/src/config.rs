@@ -18,7 +18,9 @@ pub const DEFAULT_DEMO_COMPUTE_MS: u64 = 50;
 pub const DEFAULT_RATE_LIMIT_LOGIN_PER_MIN: u32 = 10;
 /// Default requests per minute per address on the other `/auth/*` routes.
 pub const DEFAULT_RATE_LIMIT_AUTH_PER_MIN: u32 = 100;
-/// Shortest accepted `JWT_SECRET`.
+/// Default of `SESSION_REVOKE_WAIT_MS`.
+pub const DEFAULT_REVOKE_WAIT_MS: u64 = 100;
+/// Shortest accepted `JWT_SECRET`, in bytes.
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 
 /// Everything `rediskit serve` needs.
@@ -48,6 +50,10 @@ pub struct ServiceConfig {
     pub auth_per_min: u32,
     /// `TRUST_FORWARDED_FOR`. Default: false.
     pub trust_forwarded_for: bool,
+    /// Replicas that must acknowledge a logout before it answers (`WAIT`); 0 = do not wait.
+    pub revoke_wait_replicas: u32,
+    /// How long a logout waits for them.
+    pub revoke_wait: Duration,
 }
 
 /// A configuration error: the message names the variable.
@@ -67,7 +73,11 @@ impl ServiceConfig {
         let redis =
             Config::from_lookup(&lookup).map_err(|err| ConfigError(err.message().into()))?;
         let production = redis.environment.is_production();
-        let redis_configured = production || get("REDIS_URL").is_some();
+        // Named explicitly: no falling back to the embedded store when it cannot be reached.
+        let redis_configured = production
+            || get("REDIS_URL").is_some()
+            || !redis.cluster_nodes.is_empty()
+            || !redis.sentinel_nodes.is_empty();
 
         let listen_text = get("LISTEN_ADDR").unwrap_or_else(|| DEFAULT_LISTEN_ADDR.to_owned());
         let listen = listen_text.trim().parse().map_err(|_| {
@@ -127,6 +137,21 @@ impl ServiceConfig {
             1,
             1_000_000,
         )? as u32;
+        let revoke_wait_replicas = secs("SESSION_REVOKE_WAIT_REPLICAS", 0, 0, 100)? as u32;
+        let revoke_wait = Duration::from_millis(secs(
+            "SESSION_REVOKE_WAIT_MS",
+            DEFAULT_REVOKE_WAIT_MS,
+            1,
+            60_000,
+        )?);
+        if revoke_wait_replicas > 0 && revoke_wait >= redis.command_timeout {
+            return Err(ConfigError(format!(
+                "SESSION_REVOKE_WAIT_MS: must be shorter than REDIS_COMMAND_TIMEOUT_MS ({} ms), \
+                 got {} ms",
+                redis.command_timeout.as_millis(),
+                revoke_wait.as_millis()
+            )));
+        }
         let trust_forwarded_for =
             match get("TRUST_FORWARDED_FOR").map(|v| v.trim().to_ascii_lowercase()) {
                 None => false,
@@ -150,6 +175,8 @@ impl ServiceConfig {
             login_per_min,
             auth_per_min,
             trust_forwarded_for,
+            revoke_wait_replicas,
+            revoke_wait,
         })
     }
 }
@@ -217,6 +244,32 @@ mod tests {
         assert!(!config.jwt_secret_generated);
     }
 
+    /// A cluster or sentinels named in development are used or fail; never the memory fallback.
+    /// A logout WAIT must fit in the command deadline.
+    #[test]
+    fn topology_and_revocation_wait() {
+        assert!(
+            from(&[("REDIS_CLUSTER_NODES", "a:7000")])
+                .unwrap()
+                .redis_configured
+        );
+        let config = from(&[
+            ("REDIS_SENTINEL_NODES", "s:26379"),
+            ("REDIS_SENTINEL_MASTER", "m"),
+            ("SESSION_REVOKE_WAIT_REPLICAS", "1"),
+        ])
+        .unwrap();
+        assert!(config.redis_configured);
+        assert_eq!(config.revoke_wait_replicas, 1);
+        assert_eq!(config.revoke_wait, Duration::from_millis(100));
+        let err = from(&[
+            ("SESSION_REVOKE_WAIT_REPLICAS", "1"),
+            ("SESSION_REVOKE_WAIT_MS", "900"),
+        ])
+        .unwrap_err();
+        assert!(err.0.starts_with("SESSION_REVOKE_WAIT_MS"), "{err}");
+    }
+
     /// A bad value names its variable.
     #[test]
     fn bad_values() {
@@ -229,6 +282,8 @@ mod tests {
             ("RATE_LIMIT_AUTH_PER_MIN", "lots"),
             ("TRUST_FORWARDED_FOR", "maybe"),
             ("REDIS_COMMAND_TIMEOUT_MS", "0"),
+            ("SESSION_REVOKE_WAIT_REPLICAS", "-1"),
+            ("SESSION_REVOKE_WAIT_MS", "0"),
         ] {
             let err = from(&[(name, value)]).unwrap_err();
             assert!(err.0.contains(name), "{name}: {err}");

@@ -81,9 +81,11 @@ impl AppState {
     /// Builds the handles over `client`.
     pub fn new(client: Client, config: &ServiceConfig) -> rediskit::Result<Self> {
         let secret = config.jwt_secret.expose();
-        let sessions = Sessions::builder(&client, secret)
-            .default_ttl(config.refresh_ttl)
-            .build()?;
+        let mut sessions = Sessions::builder(&client, secret).default_ttl(config.refresh_ttl);
+        if config.revoke_wait_replicas > 0 {
+            sessions = sessions.wait_for_replicas(config.revoke_wait_replicas, config.revoke_wait);
+        }
+        let sessions = sessions.build()?;
         let tokens = AccessTokens::with_ttl(secret, config.access_ttl)?;
         let minute = Duration::from_secs(60);
         Ok(Self {

@@ -162,6 +162,8 @@ struct Inner {
     grace: Duration,
     max_sessions: usize,
     inactivity: Option<Duration>,
+    /// Replicas that must acknowledge a revocation, and how long to wait for them.
+    replicas: Option<(u32, Duration)>,
     created: AtomicU64,
     rotated: AtomicU64,
     revoked: AtomicU64,
@@ -188,6 +190,7 @@ pub struct SessionsBuilder {
     grace: Duration,
     max_sessions: usize,
     inactivity: Option<Duration>,
+    replicas: Option<(u32, Duration)>,
 }
 
 impl SessionsBuilder {
@@ -218,6 +221,18 @@ impl SessionsBuilder {
         self
     }
 
+    /// After a revocation (`revoke`, `revoke_all`), wait up to `timeout` until `replicas`
+    /// replicas acknowledge it (`WAIT`), and fail with
+    /// [`Unavailable`](crate::ErrorKind::Unavailable) if fewer do: the revocation is in effect
+    /// on the primary, but a failover now could lose it, so the caller should retry it (it is
+    /// idempotent). Redis replicates asynchronously; without this, a primary that dies just after
+    /// a logout may be replaced by a replica that never saw it. `timeout` must be shorter than the
+    /// client's command timeout. Default: off.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
+        self
+    }
+
     /// Validates and builds.
     pub fn build(self) -> Result<Sessions> {
         if self.secret.expose().len() < MIN_SECRET_LEN {
@@ -236,6 +251,15 @@ impl SessionsBuilder {
         if let Some(idle) = self.inactivity {
             check_ttl(idle)?;
         }
+        if let Some((replicas, timeout)) = self.replicas {
+            let deadline = self.client.config().command_timeout;
+            if replicas == 0 || timeout.is_zero() || timeout >= deadline {
+                return Err(Error::invalid(format!(
+                    "wait_for_replicas: need at least 1 replica and a timeout between 1 ms and the \
+                     command timeout ({deadline:?}), got {replicas} and {timeout:?}"
+                )));
+            }
+        }
         Ok(Sessions {
             inner: Arc::new(Inner {
                 keys: TokenKeys::derive(self.secret.expose().as_bytes()),
@@ -244,6 +268,7 @@ impl SessionsBuilder {
                 grace: self.grace,
                 max_sessions: self.max_sessions,
                 inactivity: self.inactivity,
+                replicas: self.replicas,
                 created: AtomicU64::new(0),
                 rotated: AtomicU64::new(0),
                 revoked: AtomicU64::new(0),
@@ -284,6 +309,7 @@ impl Sessions {
             grace: Duration::ZERO,
             max_sessions: DEFAULT_MAX_SESSIONS,
             inactivity: None,
+            replicas: None,
         }
     }
 
@@ -565,21 +591,22 @@ impl Sessions {
 
     /// Ends one session of `user`; true if it was live.
     pub async fn revoke(&self, user: &str, session_id: &str) -> Result<bool> {
-        let key = self.user_key(user)?;
+        let owned_key = self.user_key(user)?;
+        let key = owned_key.as_str();
         if !is_session_id(session_id) {
             return Ok(false);
         }
         let idle = self.idle_secs();
         let revoked = match self.inner.client.memory()? {
-            Some(memory) => memory.update_hash(&key, |map| {
-                engine::revoke(map, session_id, idle, unix_now())
-            }),
+            Some(memory) => {
+                memory.update_hash(key, |map| engine::revoke(map, session_id, idle, unix_now()))
+            }
             None => {
                 self.inner
                     .client
                     .run("EVALSHA session_revoke", |mut c| async move {
                         crate::scripts::SESSION_REVOKE
-                            .key(&key)
+                            .key(key)
                             .arg(session_id)
                             .arg(idle)
                             .invoke_async::<u32>(&mut c)
@@ -590,6 +617,9 @@ impl Sessions {
             }
         };
         if revoked {
+            self.wait_for_replicas(key).await?;
+        }
+        if revoked {
             self.inner.revoked.fetch_add(1, Ordering::Relaxed);
         }
         Ok(revoked)
@@ -598,10 +628,11 @@ impl Sessions {
     /// Ends every session of `user` ("log out everywhere"), atomically; returns how many were
     /// live. A session created after this returns is not affected.
     pub async fn revoke_all(&self, user: &str) -> Result<u64> {
-        let key = self.user_key(user)?;
+        let owned_key = self.user_key(user)?;
+        let key = owned_key.as_str();
         let idle = self.idle_secs();
         let count = match self.inner.client.memory()? {
-            Some(memory) => memory.update_hash(&key, |map| {
+            Some(memory) => memory.update_hash(key, |map| {
                 let (live, _) = engine::sweep(map, idle, unix_now());
                 map.clear();
                 (live.len() as u64, None)
@@ -611,7 +642,7 @@ impl Sessions {
                     .client
                     .run("EVALSHA session_revoke_all", |mut c| async move {
                         crate::scripts::SESSION_REVOKE_ALL
-                            .key(&key)
+                            .key(key)
                             .arg(idle)
                             .invoke_async::<u64>(&mut c)
                             .await
@@ -620,7 +651,47 @@ impl Sessions {
             }
         };
         self.inner.revoked.fetch_add(count, Ordering::Relaxed);
+        if count > 0 {
+            self.wait_for_replicas(key).await?;
+        }
         Ok(count)
+    }
+
+    /// `WAIT` for the replicas [`SessionsBuilder::wait_for_replicas`] asks for, on the
+    /// connection that wrote `key`: a keyed `EXISTS` routes it to the key's node on a cluster,
+    /// and `WAIT` covers every write that connection made before it.
+    async fn wait_for_replicas(&self, key: &str) -> Result<()> {
+        let Some((replicas, timeout)) = self.inner.replicas else {
+            return Ok(());
+        };
+        if self.inner.client.memory()?.is_some() {
+            return Ok(());
+        }
+        let timeout_ms = timeout.as_millis().max(1) as u64;
+        let (_, acknowledged): (u64, u32) = self
+            .inner
+            .client
+            .run("WAIT", |mut c| async move {
+                redis::pipe()
+                    .cmd("EXISTS")
+                    .arg(key)
+                    .cmd("WAIT")
+                    .arg(replicas)
+                    .arg(timeout_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if acknowledged < replicas {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the revocation is in effect on the primary, but only {acknowledged} of \
+                     {replicas} replicas acknowledged it within {timeout_ms} ms; retry it"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn field(&self, key: &str, sid: &str) -> Result<Option<Record>> {

@@ -1,0 +1,343 @@
+//! Beyond one server: Redis Cluster (listing over every primary, batches across slots, failover
+//! under load), Sentinel (failover), and `WAIT` after revocations. The conformance suites run on
+//! a cluster too (`cluster_backend` in conformance.rs, sessions.rs, ratelimit.rs).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use rediskit::{BackendKind, Cache, Client, Config, ErrorKind, Sessions, ttl};
+use rediskit_testkit::RedisServer;
+use rediskit_testkit::cluster::RedisCluster;
+use rediskit_testkit::sentinel::SentinelSetup;
+
+const SECRET: &str = "a test secret that is long enough for sessions";
+
+async fn cluster_client(cluster: &RedisCluster) -> Client {
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    Client::connect(config).await.unwrap()
+}
+
+/// Keys spread over every primary are all listed (SCAN runs on each primary), batches across
+/// slots work without CROSSSLOT, and health says "cluster".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_lists_every_primary_and_batches_across_slots() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+        .await
+        .unwrap();
+    let client = cluster_client(&cluster).await;
+    assert_eq!(client.health().await.backend, BackendKind::Cluster);
+    let cache = Cache::new(&client);
+    let items: Vec<(String, u32)> = (0..300).map(|i| (format!("item:{i}"), i)).collect();
+    cache.set_many(&items, ttl::MEDIUM).await.unwrap();
+    let primaries = cluster.primaries();
+    assert_eq!(primaries.len(), 3);
+    for port in &primaries {
+        let keys: u64 = redis::cmd("DBSIZE")
+            .query(&mut cluster.admin(*port))
+            .unwrap();
+        assert!(keys > 0, "primary {port} holds some of the keys");
+    }
+    let listed: HashSet<String> = cache.keys("item:").try_collect().await.unwrap();
+    assert_eq!(listed.len(), 300, "every primary was scanned");
+    let wanted: Vec<String> = items.iter().map(|(key, _)| key.clone()).collect();
+    let values: Vec<Option<u32>> = cache.get_many(&wanted).await.unwrap();
+    assert_eq!(values, (0..300).map(Some).collect::<Vec<_>>());
+    for key in &wanted {
+        assert!(cache.delete(key).await.unwrap());
+    }
+    assert_eq!(cluster.dbsize_total(), 0);
+}
+
+/// Counts what a load loop saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    unavailable: AtomicU64,
+    wrong: AtomicU64,
+    /// Microseconds since the start of the last success, to find the gap.
+    last_ok_us: AtomicU64,
+}
+
+/// Session checks and cache writes, round and round, until `stop`. A failure must be
+/// "unavailable" (503 in the service), never "no such session", which the service would turn
+/// into 401 and a logged-out user.
+async fn load(
+    client: Client,
+    sessions: Sessions,
+    tokens: Vec<String>,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+) {
+    let cache = Cache::new(&client);
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let token = &tokens[(i as usize) % tokens.len()];
+        let results = [
+            sessions.lookup(token).await.map(|_| ()),
+            cache.set(&format!("load:{}", i % 64), &i).await,
+        ];
+        for result in results {
+            match result {
+                Ok(()) => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                    tally
+                        .last_ok_us
+                        .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                Err(err) if err.is_unavailable() => {
+                    tally.unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    eprintln!("wrong error under failover: {err}");
+                    tally.wrong.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs `load` on `client` while `fail` kills the primary and waits for the failover; returns
+/// the longest run without a success after the kill, and checks that nothing failed with
+/// anything but "unavailable" and that the sessions all survived.
+async fn failover_under_load(
+    client: Client,
+    fail: impl FnOnce() + Send + 'static,
+    what: &str,
+) -> Duration {
+    let sessions = Sessions::new(&client, SECRET).unwrap();
+    let mut tokens = Vec::new();
+    for user in 0..20 {
+        let issued = sessions
+            .create(&format!("user-{user}"), "test", None, None)
+            .await
+            .unwrap();
+        tokens.push(issued.token.expose().to_owned());
+    }
+    // Let the replicas catch up with the sessions before the primary dies: this test is about
+    // the gap, not about what asynchronous replication can lose (see docs/reliability.md).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(load(
+                client.clone(),
+                sessions.clone(),
+                tokens.clone(),
+                tally.clone(),
+                stop.clone(),
+                started,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = started.elapsed();
+    tokio::task::spawn_blocking(fail).await.unwrap();
+    // Resumed: successes again, well after the failover settled.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut resumed_at = None;
+    while Instant::now() < deadline {
+        let before = tally.ok.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let unavailable_before = tally.unavailable.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if tally.ok.load(Ordering::Relaxed) > before
+            && tally.unavailable.load(Ordering::Relaxed) == unavailable_before
+        {
+            resumed_at = Some(started.elapsed());
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let resumed_at = resumed_at.unwrap_or_else(|| panic!("{what}: operations did not resume"));
+    assert_eq!(
+        tally.wrong.load(Ordering::Relaxed),
+        0,
+        "{what}: only 'unavailable' errors"
+    );
+    for token in &tokens {
+        sessions.lookup(token).await.unwrap();
+    }
+    let gap = resumed_at.saturating_sub(killed_at);
+    eprintln!(
+        "{what}: {} ok, {} unavailable; operations back to steady success at most {gap:?} after \
+         the kill",
+        tally.ok.load(Ordering::Relaxed),
+        tally.unavailable.load(Ordering::Relaxed),
+    );
+    gap
+}
+
+/// A primary of the cluster dies under load: a replica is promoted, operations resume, and no
+/// caller ever saw anything but "unavailable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_under_load() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let client = cluster_client(&cluster).await;
+    let cluster = Arc::new(std::sync::Mutex::new(cluster));
+    let victim_owner = cluster.clone();
+    failover_under_load(
+        client,
+        move || {
+            let mut cluster = victim_owner.lock().unwrap();
+            // The primary of one of the sessions' users.
+            let victim = cluster.primary_for_key("rk:s:{user-3}");
+            cluster.kill(victim);
+            cluster.wait_for_failover(victim, Duration::from_secs(30));
+        },
+        "cluster failover",
+    )
+    .await;
+}
+
+/// The Sentinel-managed primary dies under load: the sentinels promote the replica, the handle
+/// follows them there, and no caller saw anything but "unavailable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_under_load() {
+    let setup = tokio::task::spawn_blocking(SentinelSetup::start)
+        .await
+        .unwrap();
+    let config = Config::builder()
+        .url("redis://127.0.0.1:1/0")
+        .max_connections(4)
+        .command_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .sentinel(setup.sentinel_addrs(), setup.master_name())
+        .build()
+        .unwrap();
+    let client = Client::connect(config).await.unwrap();
+    let health = client.health().await;
+    assert!(health.ok, "{health:?}");
+    assert_eq!(health.backend, BackendKind::Sentinel);
+    let replica = setup.replica_port();
+    let setup = Arc::new(std::sync::Mutex::new(setup));
+    let killer = setup.clone();
+    failover_under_load(
+        client.clone(),
+        move || {
+            let mut setup = killer.lock().unwrap();
+            setup.kill_primary();
+            let promoted = setup.wait_for_failover(Duration::from_secs(30));
+            assert_eq!(promoted, replica);
+        },
+        "sentinel failover",
+    )
+    .await;
+    // Writes land on the promoted replica.
+    Cache::new(&client).set("after", &1).await.unwrap();
+    let stored: bool = redis::cmd("EXISTS")
+        .arg("rk:cache:default:after")
+        .query(&mut setup.lock().unwrap().admin(replica))
+        .unwrap();
+    assert!(stored, "written to the new primary");
+}
+
+/// Sentinels that do not know the primary's name, or are not there: a clear "unavailable" error
+/// that names the problem, within the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_errors_are_clear() {
+    let setup = tokio::task::spawn_blocking(SentinelSetup::start)
+        .await
+        .unwrap();
+    let config = Config::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .sentinel(setup.sentinel_addrs(), "no-such-primary")
+        .build()
+        .unwrap();
+    let err = Client::connect(config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.message().contains("no-such-primary"), "{err}");
+
+    let port = rediskit_testkit::free_port();
+    let config = Config::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .sentinel([format!("127.0.0.1:{port}")], "m")
+        .build()
+        .unwrap();
+    let lazy = Client::connect_lazy(config).unwrap();
+    let err = Cache::new(&lazy).try_get::<u32>("k").await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+}
+
+/// With `wait_for_replicas`, a revocation returns once a replica has it; with the replica
+/// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_can_wait_for_a_replica() {
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let client = Client::connect(common::config(&primary.url()))
+        .await
+        .unwrap();
+    let sessions = Sessions::builder(&client, SECRET)
+        .wait_for_replicas(1, Duration::from_millis(200))
+        .build()
+        .unwrap();
+    // Wait for the replica's link before measuring anything.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.admin())
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica never linked: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = sessions.create("alice", "a", None, None).await.unwrap();
+    let second = sessions.create("alice", "b", None, None).await.unwrap();
+    assert!(
+        sessions
+            .revoke("alice", &first.session.session_id)
+            .await
+            .unwrap()
+    );
+    let on_replica: bool = redis::cmd("HEXISTS")
+        .arg("rk:s:{alice}")
+        .arg(&first.session.session_id)
+        .query(&mut replica.admin())
+        .unwrap();
+    assert!(
+        !on_replica,
+        "the replica had the revocation when revoke returned"
+    );
+
+    replica.signal("STOP");
+    let err = sessions.revoke_all("alice").await.unwrap_err();
+    replica.signal("CONT");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.message().contains("replicas acknowledged"), "{err}");
+    let err = sessions.lookup(second.token.expose()).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::NotFound,
+        "revoked on the primary all the same"
+    );
+
+    assert!(
+        Sessions::builder(&client, SECRET)
+            .wait_for_replicas(1, Duration::from_secs(5))
+            .build()
+            .is_err(),
+        "a WAIT longer than the command deadline is refused"
+    );
+}
