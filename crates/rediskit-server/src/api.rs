@@ -503,14 +503,19 @@ pub struct BusinessMetrics {
     pub active_users: u64,
 }
 
-/// Cache lifetime of the business metrics.
-pub const METRICS_TTL: Duration = Duration::from_secs(600);
+/// Cache lifetime of the business metrics by default (`DEMO_CACHE_TTL_SECS`).
+pub const METRICS_TTL: Duration = Duration::from_secs(crate::config::DEFAULT_DEMO_CACHE_TTL_SECS);
 
-/// An expensive computation, cached (cache-aside, one computation per cold key).
+/// An expensive computation, cached (cache-aside, one computation per cold key in the fleet).
+///
+/// Fresh for `DEMO_CACHE_TTL_SECS` (600); for `DEMO_STALE_SECS` (60) after that the stored result
+/// is still answered at once, as `X-Cache: STALE`, while one background task in the whole fleet
+/// recomputes it (`Cache::try_get_or_set_background`): no request waits for a refresh.
 #[utoipa::path(get, path = "/api/business-metrics/{timeframe}", tag = "cache",
     params(("timeframe" = String, Path, description = "one of 1d, 7d, 30d, 90d")),
     responses(
-        (status = 200, description = "the metrics; header X-Cache says MISS, HIT or STALE", body = BusinessMetrics),
+        (status = 200, description = "the metrics. Header X-Cache: MISS on the request that ran the computation; HIT when served a stored or shared result; STALE when served a result past its TTL (within the stale window) while it is recomputed in the background", body = BusinessMetrics,
+            headers(("X-Cache" = String, description = "MISS, HIT or STALE"))),
         (status = 422, description = "unknown timeframe", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
 pub async fn business_metrics(
@@ -530,12 +535,14 @@ pub async fn business_metrics(
         }
     };
     let cost = state.config.demo_compute;
+    let key = format!("business_metrics:{timeframe}");
     let lookup = state
         .cache
-        .try_get_or_set(
-            &format!("business_metrics:{timeframe}"),
-            METRICS_TTL,
-            || async move {
+        .try_get_or_set_background(
+            &key,
+            state.config.demo_cache_ttl,
+            // Owns what it uses: a stale result's refresh runs in a task of its own.
+            move || async move {
                 metrics::counter!("demo_computations_total").increment(1);
                 tokio::time::sleep(cost).await;
                 let computed_at_ms = SystemTime::now()
@@ -543,7 +550,7 @@ pub async fn business_metrics(
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or_default();
                 Ok::<_, rediskit::Error>(BusinessMetrics {
-                    timeframe: timeframe.clone(),
+                    timeframe,
                     computed_at_ms,
                     revenue: 12_345 * days,
                     orders: 321 * days,
@@ -555,6 +562,7 @@ pub async fn business_metrics(
         .map_err(store_error)?;
     let status = match lookup.status {
         CacheStatus::Miss => "MISS",
+        CacheStatus::Stale => "STALE",
         _ => "HIT",
     };
     let mut response = ApiJson(lookup.value).into_response();

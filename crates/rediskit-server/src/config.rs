@@ -14,6 +14,10 @@ pub const DEFAULT_ACCESS_TOKEN_TTL_SECS: u64 = 900;
 pub const DEFAULT_REFRESH_TOKEN_TTL_SECS: u64 = 2_592_000;
 /// Default cost of the demo computation.
 pub const DEFAULT_DEMO_COMPUTE_MS: u64 = 50;
+/// Default time the demo computation's result is fresh (HTTP_API.md: 600 s).
+pub const DEFAULT_DEMO_CACHE_TTL_SECS: u64 = 600;
+/// Default stale-while-revalidate window of the demo computation's result.
+pub const DEFAULT_DEMO_STALE_SECS: u64 = 60;
 /// Default login attempts per minute per username and address.
 pub const DEFAULT_RATE_LIMIT_LOGIN_PER_MIN: u32 = 10;
 /// Default requests per minute per address on the other `/auth/*` routes.
@@ -44,6 +48,11 @@ pub struct ServiceConfig {
     pub refresh_ttl: Duration,
     /// `DEMO_COMPUTE_MS`. Default: 50.
     pub demo_compute: Duration,
+    /// `DEMO_CACHE_TTL_SECS`: how long the demo computation's result is fresh. Default: 600.
+    pub demo_cache_ttl: Duration,
+    /// `DEMO_STALE_SECS`: how long past that the result is still served (`X-Cache: STALE`)
+    /// while it is recomputed in the background; 0 turns stale serving off. Default: 60.
+    pub demo_stale: Duration,
     /// `RATE_LIMIT_LOGIN_PER_MIN`. Default: 10.
     pub login_per_min: u32,
     /// `RATE_LIMIT_AUTH_PER_MIN`. Default: 100.
@@ -125,6 +134,14 @@ impl ServiceConfig {
         )?);
         let demo_compute =
             Duration::from_millis(secs("DEMO_COMPUTE_MS", DEFAULT_DEMO_COMPUTE_MS, 0, 60_000)?);
+        let demo_cache_ttl = Duration::from_secs(secs(
+            "DEMO_CACHE_TTL_SECS",
+            DEFAULT_DEMO_CACHE_TTL_SECS,
+            1,
+            86_400,
+        )?);
+        let demo_stale =
+            Duration::from_secs(secs("DEMO_STALE_SECS", DEFAULT_DEMO_STALE_SECS, 0, 86_400)?);
         let login_per_min = secs(
             "RATE_LIMIT_LOGIN_PER_MIN",
             u64::from(DEFAULT_RATE_LIMIT_LOGIN_PER_MIN),
@@ -172,6 +189,8 @@ impl ServiceConfig {
             access_ttl,
             refresh_ttl,
             demo_compute,
+            demo_cache_ttl,
+            demo_stale,
             login_per_min,
             auth_per_min,
             trust_forwarded_for,
@@ -221,6 +240,8 @@ mod tests {
         assert_eq!(config.access_ttl, Duration::from_secs(900));
         assert_eq!(config.refresh_ttl, Duration::from_secs(2_592_000));
         assert_eq!(config.demo_compute, Duration::from_millis(50));
+        assert_eq!(config.demo_cache_ttl, Duration::from_secs(600));
+        assert_eq!(config.demo_stale, Duration::from_secs(60));
         assert_eq!((config.login_per_min, config.auth_per_min), (10, 100));
         assert!(!config.trust_forwarded_for);
         assert!(config.jwt_secret_generated);
@@ -270,6 +291,14 @@ mod tests {
         assert!(err.0.starts_with("SESSION_REVOKE_WAIT_MS"), "{err}");
     }
 
+    /// The demo cache's TTL and stale window are read; a zero window is allowed (off).
+    #[test]
+    fn demo_cache_settings() {
+        let config = from(&[("DEMO_CACHE_TTL_SECS", "2"), ("DEMO_STALE_SECS", "0")]).unwrap();
+        assert_eq!(config.demo_cache_ttl, Duration::from_secs(2));
+        assert_eq!(config.demo_stale, Duration::ZERO);
+    }
+
     /// A bad value names its variable.
     #[test]
     fn bad_values() {
@@ -278,6 +307,10 @@ mod tests {
             ("ACCESS_TOKEN_TTL_SECS", "0"),
             ("REFRESH_TOKEN_TTL_SECS", "x"),
             ("DEMO_COMPUTE_MS", "-1"),
+            ("DEMO_CACHE_TTL_SECS", "0"),
+            ("DEMO_CACHE_TTL_SECS", "ten"),
+            ("DEMO_STALE_SECS", "-5"),
+            ("DEMO_STALE_SECS", "86401"),
             ("RATE_LIMIT_LOGIN_PER_MIN", "0"),
             ("RATE_LIMIT_AUTH_PER_MIN", "lots"),
             ("TRUST_FORWARDED_FOR", "maybe"),

@@ -91,7 +91,10 @@ impl AppState {
         Ok(Self {
             auth: Auth::new(tokens, sessions),
             users: Users::new(&client),
-            cache: Cache::builder(&client).namespace(CACHE_NAMESPACE).build()?,
+            cache: Cache::builder(&client)
+                .namespace(CACHE_NAMESPACE)
+                .stale_while_revalidate(config.demo_stale)
+                .build()?,
             // Fail open: every limited route needs Redis anyway and answers 503 without it.
             login_limiter: RateLimiter::with_policy(
                 &client,

@@ -86,6 +86,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     absolute("cache_errors_total", cache.errors);
     absolute("cache_corrupt_total", cache.corrupt);
     absolute("cache_computations_total", cache.computations);
+    absolute("cache_stale_hits_total", cache.stale_hits);
     absolute("sessions_created_total", sessions.created);
     absolute("sessions_rotated_total", sessions.rotated);
     absolute("sessions_revoked_total", sessions.revoked);

@@ -527,6 +527,8 @@ async fn bad_configuration_stops_start_up_naming_the_variable() {
     let redis = RedisServer::start();
     let cases = [
         ("DEMO_COMPUTE_MS", Some("abc"), "development"),
+        ("DEMO_CACHE_TTL_SECS", Some("0"), "development"),
+        ("DEMO_STALE_SECS", Some("a minute"), "development"),
         ("ACCESS_TOKEN_TTL_SECS", Some("ten"), "development"),
         ("REFRESH_TOKEN_TTL_SECS", Some("1.5"), "development"),
         ("RATE_LIMIT_LOGIN_PER_MIN", Some("-1"), "development"),

@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use rediskit_testkit::RedisServer;
@@ -167,5 +168,120 @@ async fn concurrent_cold_requests_compute_once() {
     assert!(
         bodies.iter().all(|body| *body == bodies[0]),
         "every request got the one computed result"
+    );
+}
+
+/// The value of an unlabelled series in `/metrics`.
+async fn metric(service: &Service, name: &str) -> f64 {
+    let reply = service.get("/metrics").await;
+    reply.assert_status(200);
+    reply
+        .text
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{}", reply.text))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Requests `path` until the background refresh has stored a new result (`X-Cache: HIT` with a
+/// body other than `stale`) and returns that body; every answer before it must be `STALE` with
+/// the `stale` body.
+async fn await_refreshed(service: &Service, path: &str, stale: &Value) -> Value {
+    for _ in 0..500 {
+        let reply = service.get(path).await;
+        reply.assert_status(200);
+        match reply.header("x-cache") {
+            Some("HIT") if reply.json() != *stale => return reply.json(),
+            Some("STALE") => assert_eq!(reply.json(), *stale, "STALE serves the old result"),
+            other => panic!("X-Cache {other:?} while the refresh runs: {}", reply.text),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the background refresh never stored a new result");
+}
+
+/// Past `DEMO_CACHE_TTL_SECS`, within `DEMO_STALE_SECS`: the first request is answered at once
+/// with the old result and `X-Cache: STALE` while the computation reruns in the background;
+/// then the fresh result is a `HIT`. Two computations in all, and `/metrics` counts the stale
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_metrics_serves_stale_while_refreshing() {
+    // Arrange: results fresh for 1 s, then served stale for a minute.
+    let redis = RedisServer::start();
+    let service = Service::builder()
+        .redis(&redis)
+        .env("DEMO_CACHE_TTL_SECS", "1")
+        .env("DEMO_STALE_SECS", "60")
+        .start()
+        .await;
+    let path = "/api/business-metrics/30d";
+    let first = service.get(path).await;
+    let second = service.get(path).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(first.json(), second.json());
+
+    // Act: past the TTL.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stale = service.get(path).await;
+    let fresh = await_refreshed(&service, path, &first.json()).await;
+
+    // Assert
+    stale.assert_status(200);
+    assert_eq!(stale.header("x-cache"), Some("STALE"));
+    assert_eq!(stale.json(), first.json(), "the old result, served at once");
+    assert!(
+        fresh["computed_at_ms"].as_u64() > first.json()["computed_at_ms"].as_u64(),
+        "recomputed: {fresh} after {}",
+        first.text
+    );
+    assert_eq!(metric(&service, "demo_computations_total").await, 2.0);
+    assert!(metric(&service, "cache_stale_hits_total").await >= 1.0);
+}
+
+/// 100 concurrent requests for a stale result all get it at once (`STALE`), or the new one if
+/// the refresh already finished (`HIT`), and the computation reruns once for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stale_requests_compute_once() {
+    // Arrange: a slow computation, results fresh for 3 s (long enough for the refreshed result to
+    // stay fresh until the test has counted).
+    let redis = RedisServer::start();
+    let service = Service::builder()
+        .redis(&redis)
+        .env("DEMO_CACHE_TTL_SECS", "3")
+        .env("DEMO_STALE_SECS", "60")
+        .env("DEMO_COMPUTE_MS", "300")
+        .start()
+        .await;
+    let path = "/api/business-metrics/90d";
+    let cold = service.get(path).await;
+    assert_eq!(cold.header("x-cache"), Some("MISS"));
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+
+    // Act
+    let replies = join_all((0..100).map(|_| service.get(path))).await;
+    let fresh = await_refreshed(&service, path, &cold.json()).await;
+
+    // Assert
+    for reply in &replies {
+        reply.assert_status(200);
+        match reply.header("x-cache") {
+            Some("STALE") => assert_eq!(reply.json(), cold.json()),
+            Some("HIT") => assert_eq!(reply.json(), fresh),
+            other => panic!("X-Cache {other:?} for a stale result: {}", reply.text),
+        }
+    }
+    assert!(
+        replies
+            .iter()
+            .any(|reply| reply.header("x-cache") == Some("STALE")),
+        "the first of them found the result stale"
+    );
+    assert_eq!(
+        metric(&service, "demo_computations_total").await,
+        2.0,
+        "the cold computation and one refresh"
     );
 }

@@ -46,6 +46,10 @@ pub enum CacheStatus {
     Shared,
     /// Computed by this call.
     Miss,
+    /// Read from the cache past its TTL, within the cache's stale-while-revalidate window
+    /// ([`CacheBuilder::stale_while_revalidate`]): returned at once while one caller in the
+    /// fleet (another call, another process, or a background task) refreshes it.
+    Stale,
 }
 
 /// A value and how it was obtained.
@@ -72,8 +76,11 @@ pub struct CacheStats {
     pub corrupt: u64,
     /// Values written.
     pub sets: u64,
-    /// Computations run by `get_or_set`.
+    /// Computations run by `get_or_set` (stale refreshes included).
     pub computations: u64,
+    /// Values `get_or_set` returned stale ([`CacheStatus::Stale`]) while a refresh ran; each
+    /// is also one of the `hits`.
+    pub stale_hits: u64,
 }
 
 /// A typed, namespaced cache of serde values.
@@ -99,6 +106,22 @@ pub struct CacheStats {
 ///   computing one holds a short Redis lease (`{prefix}lease:{namespace}:{key}`, see
 ///   [`CacheBuilder::lease_ttl`]) and the others wait for its value, so a cold key is computed
 ///   once in the whole fleet — unless the computation outlives the lease.
+/// - **Stale while revalidate** (off unless [`CacheBuilder::stale_while_revalidate`] sets a
+///   window W). Every write of this cache keeps the value in Redis for its TTL *plus* W.
+///   `get_or_set` calls a value *fresh* while more than W of its life is left and *stale* in the
+///   last W, measured with `PTTL` on Redis's clock (one script reads value and age in one round
+///   trip, so the cost of a hit does not change). A stale value is returned at once
+///   ([`CacheStatus::Stale`]) while exactly one caller in the fleet refreshes it: the in-process
+///   single flight picks one caller, and it refreshes only if it also takes the key's lease
+///   (without waiting for it). [`try_get_or_set`](Cache::try_get_or_set) refreshes inline: that
+///   one caller computes, stores and gets [`CacheStatus::Miss`]; if its computation fails, it
+///   gets the error and the stale value stays (still served, and still returned by
+///   [`get`](Cache::get)) until it expires or a later call refreshes it.
+///   [`try_get_or_set_background`](Cache::try_get_or_set_background) refreshes in a spawned task
+///   instead, so every caller gets the stale value at once and a failed refresh is logged. Past
+///   TTL + W the key is gone: the next call is an ordinary miss. Plain reads
+///   ([`get`](Cache::get), [`get_many`](Cache::get_many), [`exists`](Cache::exists)) know nothing
+///   of freshness: they return a value as long as it is stored.
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<CacheInner>,
@@ -114,6 +137,8 @@ struct CacheInner {
     /// `{key_prefix}lease:{namespace}:` — apart from the values, so listings never see leases.
     lease_prefix: String,
     lease_ttl: Duration,
+    /// How long a value stays past its TTL, served stale while one caller refreshes it.
+    stale_window: Duration,
     /// Computations in flight, by Redis key: the flight's id and where its outcome will appear.
     flights: Mutex<HashMap<String, (u64, FlightReceiver)>>,
     next_flight: AtomicU64,
@@ -129,6 +154,7 @@ struct Counters {
     corrupt: AtomicU64,
     sets: AtomicU64,
     computations: AtomicU64,
+    stale_hits: AtomicU64,
 }
 
 type FlightReceiver = watch::Receiver<Option<Flight>>;
@@ -147,6 +173,7 @@ impl std::fmt::Debug for Cache {
         f.debug_struct("Cache")
             .field("namespace", &self.inner.namespace)
             .field("default_ttl", &self.inner.default_ttl)
+            .field("stale_window", &self.inner.stale_window)
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +186,7 @@ pub struct CacheBuilder {
     default_ttl: Duration,
     codec: Codec,
     lease_ttl: Duration,
+    stale_window: Duration,
 }
 
 /// How long a process computing a cold key holds its lease: others wait for its value up to this
@@ -199,10 +227,27 @@ impl CacheBuilder {
         self
     }
 
+    /// Stale-while-revalidate: every value this cache writes stays stored `window` past its TTL,
+    /// and in that window [`Cache::get_or_set`] returns it at once as [`CacheStatus::Stale`]
+    /// while one caller in the whole fleet computes the new value (see the `Behavior` section of
+    /// [`Cache`]). At most [`ttl::MAX`]; zero turns it off: values live exactly their TTL and
+    /// `get_or_set` reads with a plain `GET`. Default: zero.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_window = window;
+        self
+    }
+
     /// Validates the settings and builds the cache.
     pub fn build(self) -> Result<Cache> {
         keys::check_namespace(&self.namespace).map_err(Error::invalid)?;
         check_ttl(self.default_ttl)?;
+        if self.stale_window > ttl::MAX {
+            return Err(Error::invalid(format!(
+                "stale_while_revalidate window must be at most {} days, got {:?}",
+                ttl::MAX.as_secs() / 86_400,
+                self.stale_window
+            )));
+        }
         let prefix = format!("{}cache:{}:", self.client.key_prefix(), self.namespace);
         let lease_prefix = format!("{}lease:{}:", self.client.key_prefix(), self.namespace);
         Ok(Cache {
@@ -214,6 +259,7 @@ impl CacheBuilder {
                 codec: self.codec,
                 lease_prefix,
                 lease_ttl: self.lease_ttl,
+                stale_window: self.stale_window,
                 flights: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
                 counters: Counters::default(),
@@ -249,6 +295,7 @@ impl Cache {
             default_ttl: ttl::DEFAULT,
             codec: Codec::default(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            stale_window: Duration::ZERO,
         }
     }
 
@@ -273,6 +320,7 @@ impl Cache {
             corrupt: c.corrupt.load(Ordering::Relaxed),
             sets: c.sets.load(Ordering::Relaxed),
             computations: c.computations.load(Ordering::Relaxed),
+            stale_hits: c.stale_hits.load(Ordering::Relaxed),
         }
     }
 
@@ -294,12 +342,14 @@ impl Cache {
         })
     }
 
-    /// Stores `value` under `key` for the cache's default TTL (value and expiry in one command).
+    /// Stores `value` under `key` for the cache's default TTL (value and expiry in one command;
+    /// with a stale-while-revalidate window, the value is stored that much longer).
     pub async fn set<T: Serialize + ?Sized>(&self, key: &str, value: &T) -> Result<()> {
         self.set_with_ttl(key, value, self.inner.default_ttl).await
     }
 
-    /// Stores `value` under `key` for `ttl` (value and expiry in one command).
+    /// Stores `value` under `key` for `ttl` (value and expiry in one command; with a
+    /// stale-while-revalidate window, the value is stored that much longer).
     pub async fn set_with_ttl<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -324,7 +374,9 @@ impl Cache {
         self.counted(self.inner.client.exists(&redis_key).await)
     }
 
-    /// Time left before `key` expires; `None` when it does not exist.
+    /// Time left before `key` is gone; `None` when it does not exist. With a
+    /// stale-while-revalidate window this includes the window: the value is fresh only while more
+    /// than the window is left.
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>> {
         let redis_key = self.redis_key(key)?;
         self.counted(self.inner.client.ttl(&redis_key).await)
@@ -350,9 +402,10 @@ impl Cache {
         Ok(out)
     }
 
-    /// Stores several values with one TTL, atomically (all or none), in one round trip. On Redis
-    /// Cluster a transaction cannot span hash slots: the values are written in one transaction
-    /// per slot, concurrently, so a failure can leave some slots written and others not.
+    /// Stores several values with one TTL, atomically (all or none), in one round trip (with a
+    /// stale-while-revalidate window, stored that much longer). On Redis Cluster a transaction
+    /// cannot span hash slots: the values are written in one transaction per slot, concurrently,
+    /// so a failure can leave some slots written and others not.
     pub async fn set_many<T: Serialize>(
         &self,
         items: &[(impl AsRef<str>, T)],
@@ -368,7 +421,7 @@ impl Cache {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        self.counted(self.inner.client.mset(&encoded, ttl).await)?;
+        self.counted(self.inner.client.mset(&encoded, self.stored_ttl(ttl)).await)?;
         self.inner
             .counters
             .sets
@@ -412,7 +465,9 @@ impl Cache {
     ///
     /// Concurrent calls for the same missing key in this process run `compute` once. With Redis
     /// unavailable it still returns the computed value (and does not store it). Fails only on an
-    /// invalid key or TTL, or a value that does not serialize.
+    /// invalid key or TTL, or a value that does not serialize. With a stale-while-revalidate
+    /// window, a stale value may be returned while another caller refreshes it (see
+    /// [`try_get_or_set`](Cache::try_get_or_set) to tell).
     pub async fn get_or_set<T, F, Fut>(&self, key: &str, ttl: Duration, compute: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,
@@ -427,6 +482,15 @@ impl Cache {
     /// [`get_or_set`](Cache::get_or_set) with a fallible `compute`, telling how the value was
     /// obtained. A failed computation is not cached; its error is returned to the caller that
     /// ran it, and one waiting caller (if any) takes over.
+    ///
+    /// With a stale-while-revalidate window ([`CacheBuilder::stale_while_revalidate`]), a stale
+    /// value is refreshed *inline*: of the callers that find it stale, exactly one in the fleet
+    /// runs `compute` and gets [`CacheStatus::Miss`] (or [`CacheStatus::Hit`] if it finds that
+    /// another process has just refreshed it); the others get the stale value at once with
+    /// [`CacheStatus::Stale`]. If that refresh fails, its error goes to the one caller that ran
+    /// it and the stale value stays until it expires; a caller that prefers the stale value can
+    /// fall back to [`get`](Cache::get), which still returns it. To make no caller wait for a
+    /// refresh, see [`try_get_or_set_background`](Cache::try_get_or_set_background).
     pub async fn try_get_or_set<T, E, F, Fut>(
         &self,
         key: &str,
@@ -441,14 +505,130 @@ impl Cache {
     {
         let redis_key = self.redis_key(key)?;
         check_ttl(ttl)?;
-        if let Some(value) = self.soft(self.read(&redis_key).await)?.flatten() {
-            return Ok(Lookup {
+        match self.find(&redis_key).await? {
+            Found::Fresh(value) => Ok(Lookup {
                 value,
                 status: CacheStatus::Hit,
+            }),
+            Found::Stale(stale) => {
+                let Joined::Leader(flight) = self.join_flight(&redis_key) else {
+                    return Ok(self.serve_stale(stale));
+                };
+                match self.refresh(key, ttl, flight, compute).await? {
+                    Some(lookup) => Ok(lookup),
+                    None => Ok(self.serve_stale(stale)),
+                }
+            }
+            Found::Missing => self.compute_cold(key, &redis_key, ttl, compute).await,
+        }
+    }
+
+    /// [`try_get_or_set`](Cache::try_get_or_set), but a stale value is refreshed in a spawned
+    /// Tokio task: every caller that finds it stale gets it at once ([`CacheStatus::Stale`]),
+    /// none waits for the refresh — the classic stale-while-revalidate. Exactly one task in the
+    /// fleet refreshes a stale key (the in-process single flight and the Redis lease, as inline).
+    /// A failed refresh is logged (`warn`, with its error) — no caller is waiting for it — and
+    /// the stale value stays until it expires or a later call refreshes it.
+    ///
+    /// A missing key is computed inline, as by `try_get_or_set`, so its errors are returned.
+    /// Without a stale window this is `try_get_or_set`. The price of the spawned refresh is the
+    /// `Send + 'static` bounds.
+    pub async fn try_get_or_set_background<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        compute: F,
+    ) -> Result<Lookup<T>, E>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: From<Error> + std::fmt::Display + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let redis_key = self.redis_key(key)?;
+        check_ttl(ttl)?;
+        match self.find(&redis_key).await? {
+            Found::Fresh(value) => Ok(Lookup {
+                value,
+                status: CacheStatus::Hit,
+            }),
+            Found::Stale(stale) => {
+                if let Joined::Leader(flight) = self.join_flight(&redis_key) {
+                    let cache = self.clone();
+                    let key = key.to_owned();
+                    tokio::spawn(async move {
+                        let refreshed = cache.refresh(&key, ttl, flight, compute).await;
+                        if let Err(err) = refreshed {
+                            tracing::warn!(key = %key, namespace = %cache.inner.namespace,
+                                error = %err,
+                                "stale-while-revalidate refresh failed; the stale value is \
+                                 served until it expires");
+                        }
+                    });
+                }
+                Ok(self.serve_stale(stale))
+            }
+            Found::Missing => self.compute_cold(key, &redis_key, ttl, compute).await,
+        }
+    }
+
+    /// The value under `redis_key`, and whether it is fresh. Without a stale window this is a
+    /// plain `GET` and every value found is fresh; with one, value and remaining TTL come in one
+    /// round trip. Unavailability is a (counted) miss; other errors pass through.
+    async fn find<T: DeserializeOwned>(&self, redis_key: &str) -> Result<Found<T>> {
+        let window = self.inner.stale_window;
+        if window.is_zero() {
+            return Ok(match self.soft(self.read(redis_key).await)?.flatten() {
+                Some(value) => Found::Fresh(value),
+                None => Found::Missing,
             });
         }
+        let read = self.inner.client.get_with_ttl(redis_key).await;
+        let Some(read) = self.soft(read)? else {
+            return Ok(Found::Missing);
+        };
+        let (bytes, left) = match read {
+            Some((bytes, left)) => (Some(bytes), left),
+            None => (None, None),
+        };
+        let Some(value) = self.decode_counted(redis_key, bytes).await else {
+            return Ok(Found::Missing);
+        };
+        // No expiry at all (written by another program) never goes stale.
+        Ok(match left {
+            Some(left) if left <= window => Found::Stale(value),
+            _ => Found::Fresh(value),
+        })
+    }
+
+    fn serve_stale<T>(&self, value: T) -> Lookup<T> {
+        self.inner
+            .counters
+            .stale_hits
+            .fetch_add(1, Ordering::Relaxed);
+        Lookup {
+            value,
+            status: CacheStatus::Stale,
+        }
+    }
+
+    /// The cold path of `get_or_set`: wait for a computation already running (in this process
+    /// or another), or run it here.
+    async fn compute_cold<T, E, F, Fut>(
+        &self,
+        key: &str,
+        redis_key: &str,
+        ttl: Duration,
+        compute: F,
+    ) -> Result<Lookup<T>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let flight = loop {
-            match self.join_flight(&redis_key) {
+            match self.join_flight(redis_key) {
                 Joined::Leader(flight) => break flight,
                 Joined::Waiter(mut rx) => {
                     let outcome = rx
@@ -470,7 +650,7 @@ impl Cache {
             }
         };
         // Another process (or a caller that finished just before we joined) may have stored it.
-        if let Some(value) = self.soft(self.read(&redis_key).await)?.flatten() {
+        if let Some(value) = self.soft(self.read(redis_key).await)?.flatten() {
             if let Ok(bytes) = self.inner.codec.encode(&value) {
                 flight.publish(Flight::Done(Arc::new(bytes)));
             }
@@ -492,6 +672,72 @@ impl Cache {
             }
             Lease::Held(lease) => lease,
         };
+        let value = self.compute_and_store(&flight, ttl, lease, compute).await?;
+        Ok(Lookup {
+            value,
+            status: CacheStatus::Miss,
+        })
+    }
+
+    /// Refreshes a stale key as this process's flight leader. `Ok(None)`: another process holds
+    /// the lease (it is refreshing) or Redis failed us — serve the stale value. Otherwise the
+    /// refreshed value: [`CacheStatus::Hit`] when it turns out another caller has just refreshed
+    /// it, [`CacheStatus::Miss`] when computed here.
+    async fn refresh<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        flight: FlightGuard,
+        compute: F,
+    ) -> Result<Option<Lookup<T>>, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        // Never wait for the lease here: a stale value is at hand and is what everyone else gets.
+        let lease = match self.try_lease(key).await {
+            TryLease::Taken(lease) => lease,
+            TryLease::Busy(_) | TryLease::Unavailable => return Ok(None),
+        };
+        // The previous holder may have stored a fresh value between our read and our lease;
+        // without this look, a process that read just before that store would compute again.
+        // Errors here only mean: refresh anyway.
+        if let Ok(Found::Fresh(value)) = self.find::<T>(&flight.key).await {
+            self.release_lease(lease).await;
+            if let Ok(bytes) = self.inner.codec.encode(&value) {
+                flight.publish(Flight::Done(Arc::new(bytes)));
+            }
+            return Ok(Some(Lookup {
+                value,
+                status: CacheStatus::Hit,
+            }));
+        }
+        let value = self.compute_and_store(&flight, ttl, lease, compute).await?;
+        Ok(Some(Lookup {
+            value,
+            status: CacheStatus::Miss,
+        }))
+    }
+
+    /// Runs `compute` as the holder of `flight` and `lease`, stores the value (a failed store is
+    /// only logged by `soft`: the value is good, just not cached), releases the lease and hands
+    /// the value to the waiting callers. On failure the lease is released and the flight's drop
+    /// tells the waiters to try themselves.
+    async fn compute_and_store<T, E, F, Fut>(
+        &self,
+        flight: &FlightGuard,
+        ttl: Duration,
+        lease: LeaseHold,
+        compute: F,
+    ) -> Result<T, E>
+    where
+        T: Serialize,
+        E: From<Error>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         self.inner
             .counters
             .computations
@@ -511,39 +757,43 @@ impl Cache {
                 return Err(err.into());
             }
         };
-        // A failed store is not the caller's problem: the value is good, only not cached.
-        let _ = self.soft(self.write(&redis_key, &bytes, ttl).await);
+        let _ = self.soft(self.write(&flight.key, &bytes, ttl).await);
         self.release_lease(lease).await;
         flight.publish(Flight::Done(Arc::new(bytes)));
-        Ok(Lookup {
-            value,
-            status: CacheStatus::Miss,
-        })
+        Ok(value)
     }
 
-    /// Takes the cross-process lease on `key`, or waits for the value of the process holding it.
-    /// Any trouble with Redis (or a lease that expires without a value) means: compute here.
-    async fn take_lease<T: DeserializeOwned>(&self, key: &str) -> Lease<T> {
+    /// Tries to take the cross-process lease on `key`, without waiting.
+    async fn try_lease(&self, key: &str) -> TryLease {
         if self.inner.lease_ttl.is_zero() {
-            return Lease::Held(None);
+            return TryLease::Taken(None);
         }
         let lease_key = format!("{}{key}", self.inner.lease_prefix);
         let mut token = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut token);
         let token = token.to_vec();
-        let ttl = self.inner.lease_ttl;
         match self
             .inner
             .client
-            .set_if_absent(&lease_key, &token, Some(ttl))
+            .set_if_absent(&lease_key, &token, Some(self.inner.lease_ttl))
             .await
         {
-            Ok(true) => return Lease::Held(Some((lease_key, token))),
-            Ok(false) => {}
-            Err(_) => return Lease::Held(None),
+            Ok(true) => TryLease::Taken(Some((lease_key, token))),
+            Ok(false) => TryLease::Busy(lease_key),
+            Err(_) => TryLease::Unavailable,
         }
+    }
+
+    /// Takes the cross-process lease on `key`, or waits for the value of the process holding it.
+    /// Any trouble with Redis (or a lease that expires without a value) means: compute here.
+    async fn take_lease<T: DeserializeOwned>(&self, key: &str) -> Lease<T> {
+        let lease_key = match self.try_lease(key).await {
+            TryLease::Taken(lease) => return Lease::Held(lease),
+            TryLease::Unavailable => return Lease::Held(None),
+            TryLease::Busy(lease_key) => lease_key,
+        };
         let redis_key = format!("{}{key}", self.inner.prefix);
-        let deadline = tokio::time::Instant::now() + ttl;
+        let deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
         let mut pause = Duration::from_millis(5);
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(pause).await;
@@ -567,13 +817,13 @@ impl Cache {
     }
 
     /// Drops our lease, only if it is still ours.
-    async fn release_lease(&self, lease: Option<(String, Vec<u8>)>) {
+    async fn release_lease(&self, lease: LeaseHold) {
         if let Some((lease_key, token)) = lease {
             let _ = self.inner.client.del_if_equals(&lease_key, &token).await;
         }
     }
 
-    fn join_flight(&self, redis_key: &str) -> Joined<'_> {
+    fn join_flight(&self, redis_key: &str) -> Joined {
         let mut flights = self
             .inner
             .flights
@@ -586,7 +836,7 @@ impl Cache {
         let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
         flights.insert(redis_key.to_owned(), (id, rx));
         Joined::Leader(FlightGuard {
-            cache: &self.inner,
+            cache: self.inner.clone(),
             key: redis_key.to_owned(),
             id,
             tx,
@@ -634,10 +884,18 @@ impl Cache {
         );
     }
 
+    /// Stores `bytes` for `ttl` plus the stale window.
     async fn write(&self, redis_key: &str, bytes: &[u8], ttl: Duration) -> Result<()> {
-        self.counted(self.inner.client.set(redis_key, bytes, ttl).await)?;
+        let stored = self.stored_ttl(ttl);
+        self.counted(self.inner.client.set(redis_key, bytes, stored).await)?;
         self.inner.counters.sets.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// How long a value written with `ttl` stays in Redis: `ttl` plus the stale window (at most
+    /// 2 × [`ttl::MAX`], far from overflowing Redis's milliseconds).
+    fn stored_ttl(&self, ttl: Duration) -> Duration {
+        ttl + self.inner.stale_window
     }
 
     /// Counts an unavailability error and passes the result on.
@@ -678,34 +936,60 @@ impl Cache {
     }
 }
 
+/// What [`Cache::find`] found under a key.
+enum Found<T> {
+    /// A value with more than the stale window left (every value, without a window).
+    Fresh(T),
+    /// A value in the last stale window of its life: serve it, and have one caller refresh it.
+    Stale(T),
+    /// Nothing usable: absent, undecodable, or Redis unavailable.
+    Missing,
+}
+
+/// A lease we hold: its key and our token, to release it only if it is still ours. `None` when
+/// leases are off or Redis could not be asked: we compute without one.
+type LeaseHold = Option<(String, Vec<u8>)>;
+
+/// The outcome of [`Cache::try_lease`].
+enum TryLease {
+    /// Ours (or no lease is used).
+    Taken(LeaseHold),
+    /// Another process holds this lease key.
+    Busy(String),
+    /// Redis did not answer.
+    Unavailable,
+}
+
 /// The outcome of [`Cache::take_lease`]: ours to compute (with the lease to release, if one was
 /// taken), or the value another process computed while we waited.
 enum Lease<T> {
-    Held(Option<(String, Vec<u8>)>),
+    Held(LeaseHold),
     Waited(T),
 }
 
-enum Joined<'a> {
-    Leader(FlightGuard<'a>),
+enum Joined {
+    Leader(FlightGuard),
     Waiter(FlightReceiver),
 }
 
 /// Held by the caller computing a key. Dropping it — after publishing, or on failure or
-/// cancellation — removes the flight, and waiters that got no value retry.
-struct FlightGuard<'a> {
-    cache: &'a CacheInner,
+/// cancellation — removes the flight, and waiters that got no value retry. It owns a handle on
+/// the cache (not a borrow) so that a background refresh can carry it into its task.
+struct FlightGuard {
+    cache: Arc<CacheInner>,
+    /// The Redis key being computed.
     key: String,
     id: u64,
     tx: watch::Sender<Option<Flight>>,
 }
 
-impl FlightGuard<'_> {
+impl FlightGuard {
     fn publish(&self, flight: Flight) {
         self.tx.send_replace(Some(flight));
     }
 }
 
-impl Drop for FlightGuard<'_> {
+impl Drop for FlightGuard {
     fn drop(&mut self) {
         if self.tx.borrow().is_none() {
             self.tx.send_replace(Some(Flight::Failed));

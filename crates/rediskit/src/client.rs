@@ -790,6 +790,26 @@ impl Client {
         .await
     }
 
+    /// The value at `key` and its remaining time to live (`None`: no expiry), read atomically in
+    /// one round trip (`get_with_pttl.lua`): the cache's stale-while-revalidate reads.
+    pub(crate) async fn get_with_ttl(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
+        if let Some(memory) = self.memory()? {
+            return Ok(memory.get_with_ttl(key));
+        }
+        let reply: Option<(Vec<u8>, i64)> = self
+            .run("EVALSHA get_with_pttl", |mut c| async move {
+                crate::scripts::GET_WITH_PTTL
+                    .key(key)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(reply.map(|(bytes, ms)| (bytes, (ms >= 0).then(|| Duration::from_millis(ms as u64)))))
+    }
+
     /// `SET key value PX ttl`: value and expiry in one command.
     pub(crate) async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         let ttl_ms = ttl_millis(ttl);

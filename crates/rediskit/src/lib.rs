@@ -51,7 +51,8 @@
 //! - `breaker` — the circuit breaker in front of Redis ([`BreakerState`]).
 //! - `codec` — the stored value format: header, JSON, lz4 over a threshold.
 //! - `keys` — key rules and escaping (SCAN patterns, hash tags).
-//! - `cache` — [`Cache`]: typed get/set, batches, SCAN listing, `get_or_set` with single flight.
+//! - `cache` — [`Cache`]: typed get/set, batches, SCAN listing, `get_or_set` with single flight
+//!   and an optional stale-while-revalidate window.
 //! - `tokens` — [`Sessions`]: refresh-token sessions with rotation, reuse detection, revocation.
 //! - `ratelimit` — [`RateLimiter`]: GCRA in one atomic script, with a failure policy.
 //! - `memory` — the embedded `memory://` backend.

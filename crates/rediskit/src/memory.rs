@@ -79,6 +79,16 @@ impl MemoryStore {
             .map(|at| at.saturating_duration_since(now))
     }
 
+    /// The string at `key` and its remaining lifetime (`None`: no expiry), read under one lock
+    /// as Redis's `get_with_pttl.lua` reads them in one script.
+    pub(crate) fn get_with_ttl(&self, key: &str) -> Option<(Vec<u8>, Option<Duration>)> {
+        let now = Instant::now();
+        let map = self.lock();
+        let entry = map.get(key).filter(|entry| entry.live(now))?;
+        let left = entry.expires_at.map(|at| at.saturating_duration_since(now));
+        entry.value.bytes().map(|bytes| (bytes.clone(), left))
+    }
+
     pub(crate) fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) {
         let now = Instant::now();
         let mut map = self.lock();
@@ -401,6 +411,10 @@ mod tests {
         assert_eq!(store.get("gone"), None);
         assert_eq!(store.ttl("gone"), None);
         assert_eq!(store.get("kept"), Some(b"v".to_vec()));
+        assert_eq!(store.get_with_ttl("gone"), None);
+        let (bytes, left) = store.get_with_ttl("kept").unwrap();
+        assert_eq!(bytes, b"v".to_vec());
+        assert!(left.is_some_and(|left| left <= Duration::from_secs(60)));
         for i in 0..SWEEP_EVERY {
             store.set(&format!("k{i}"), Vec::new(), Duration::from_secs(60));
         }

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use rediskit::{Cache, CacheStatus, Client, ErrorKind, ttl};
+use rediskit::{Cache, CacheStatus, Client, ErrorKind, Lookup, ttl};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Profile {
@@ -45,6 +46,12 @@ conformance!(
     get_or_set_failure_is_not_cached,
     get_or_set_computes_once_across_processes,
     a_failed_lease_holder_hands_over,
+    stale_value_is_served_while_one_caller_refreshes,
+    background_refresh_serves_every_caller_stale,
+    stale_refresh_runs_once_across_processes,
+    a_failed_refresh_keeps_serving_stale,
+    past_the_stale_window_is_an_ordinary_miss,
+    zero_stale_window_changes_nothing,
     burst_of_500_tasks_all_succeed,
     closed_client_refuses_calls,
     health_reports_the_backend,
@@ -482,5 +489,399 @@ async fn a_failed_lease_holder_hands_over(client: &Client) {
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// TTL of the stale-while-revalidate cases: short, so that a test can sleep past it.
+const SWR_TTL: Duration = Duration::from_millis(500);
+/// Their stale window: far longer than any case needs, so nothing falls out of it by accident.
+const SWR_WINDOW: Duration = Duration::from_secs(30);
+
+/// A cache with a stale window; every cache built by this function on one backend shares the
+/// namespace (a second one stands for a second process).
+fn swr_cache(client: &Client) -> Cache {
+    Cache::builder(client)
+        .namespace("swr")
+        .stale_while_revalidate(SWR_WINDOW)
+        .build()
+        .unwrap()
+}
+
+/// Sleeps until a value written just before is past its TTL (and well inside the window).
+async fn pass_the_ttl() {
+    tokio::time::sleep(SWR_TTL + Duration::from_millis(200)).await;
+}
+
+/// A computation that counts its runs and finishes only once `gate` gives it a permit, so a test
+/// decides when a refresh ends instead of guessing with sleeps.
+async fn gated(
+    runs: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    value: Profile,
+) -> Result<Profile, rediskit::Error> {
+    runs.fetch_add(1, Ordering::SeqCst);
+    gate.acquire().await.unwrap().forget();
+    Ok(value)
+}
+
+/// The next answer of the gated callers. A regression where two callers refresh would leave
+/// both waiting at the gate and the test hanging; this turns that into a failure.
+async fn next_answer<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("no answer: is more than one caller refreshing (and waiting at the gate)?")
+        .expect("a caller panicked")
+}
+
+/// Stores `profile(1)` under `key` through `get_or_set` (a cold miss).
+async fn store_first(cache: &Cache, key: &str) {
+    let first = cache
+        .try_get_or_set(key, SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(1))
+        })
+        .await
+        .unwrap();
+    assert_eq!((first.value, first.status), (profile(1), CacheStatus::Miss));
+}
+
+/// Within the stale window, 20 concurrent `try_get_or_set` calls get the stale value at once,
+/// except the one that refreshes it inline (exactly one computation, `Miss`); then the new
+/// value is a `Hit`. A fresh value is a plain `Hit`, and plain `get` returns a stale value.
+async fn stale_value_is_served_while_one_caller_refreshes(client: &Client) {
+    // Arrange: a value, fresh, then stale.
+    let cache = swr_cache(client);
+    store_first(&cache, "report").await;
+    let fresh = cache
+        .try_get_or_set("report", SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!((fresh.value, fresh.status), (profile(1), CacheStatus::Hit));
+    pass_the_ttl().await;
+    assert_eq!(
+        cache.get::<Profile>("report").await.unwrap(),
+        Some(profile(1)),
+        "plain get returns a stale value"
+    );
+
+    // Act: 20 callers at once; the refresh ends only when the test opens the gate.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Lookup<Profile>>();
+    for _ in 0..20 {
+        let (cache, runs, gate, tx) = (cache.clone(), runs.clone(), gate.clone(), tx.clone());
+        tokio::spawn(async move {
+            let lookup = cache
+                .try_get_or_set("report", SWR_TTL, move || gated(runs, gate, profile(2)))
+                .await
+                .unwrap();
+            tx.send(lookup).unwrap();
+        });
+    }
+
+    // Assert: 19 stale answers arrive while the refresh is still held at the gate.
+    for _ in 0..19 {
+        let lookup = next_answer(&mut rx).await;
+        assert_eq!(
+            (lookup.value, lookup.status),
+            (profile(1), CacheStatus::Stale)
+        );
+    }
+    gate.add_permits(1);
+    let refreshed = next_answer(&mut rx).await;
+    assert_eq!(
+        (refreshed.value, refreshed.status),
+        (profile(2), CacheStatus::Miss)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one refresh");
+    let after = cache
+        .try_get_or_set("report", SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(3))
+        })
+        .await
+        .unwrap();
+    assert_eq!((after.value, after.status), (profile(2), CacheStatus::Hit));
+    let stats = cache.stats();
+    assert_eq!((stats.computations, stats.stale_hits), (2, 19));
+}
+
+/// With the background variant every caller gets the stale value at once; one spawned task
+/// computes the new value, and once it is stored callers get it as a `Hit`.
+async fn background_refresh_serves_every_caller_stale(client: &Client) {
+    // Arrange
+    let cache = swr_cache(client);
+    store_first(&cache, "report").await;
+    pass_the_ttl().await;
+
+    // Act: 20 callers at once, the refresh held at the gate.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Lookup<Profile>>();
+    for _ in 0..20 {
+        let (cache, runs, gate, tx) = (cache.clone(), runs.clone(), gate.clone(), tx.clone());
+        tokio::spawn(async move {
+            let lookup = cache
+                .try_get_or_set_background("report", SWR_TTL, move || gated(runs, gate, profile(2)))
+                .await
+                .unwrap();
+            tx.send(lookup).unwrap();
+        });
+    }
+
+    // Assert: all 20 answered stale before the refresh could end.
+    for _ in 0..20 {
+        let lookup = next_answer(&mut rx).await;
+        assert_eq!(
+            (lookup.value, lookup.status),
+            (profile(1), CacheStatus::Stale)
+        );
+    }
+    gate.add_permits(1);
+    let refreshed = await_background_refresh(&cache, "report", &runs).await;
+    assert_eq!(refreshed, profile(2));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one refresh");
+    assert_eq!(cache.stats().computations, 2);
+}
+
+/// Calls `try_get_or_set_background` on `key` until the background refresh has stored its value,
+/// and returns that value; every answer before it must be the stale `profile(1)`, and none of
+/// these calls may compute (their computation would count in `runs`).
+async fn await_background_refresh(cache: &Cache, key: &str, runs: &Arc<AtomicUsize>) -> Profile {
+    for _ in 0..1000 {
+        let runs = runs.clone();
+        let lookup = cache
+            .try_get_or_set_background(key, SWR_TTL, move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, rediskit::Error>(profile(99))
+            })
+            .await
+            .unwrap();
+        match lookup.status {
+            CacheStatus::Hit => return lookup.value,
+            CacheStatus::Stale => assert_eq!(lookup.value, profile(1)),
+            other => panic!("{other:?} while waiting for the background refresh"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the background refresh never stored its value");
+}
+
+/// Two caches over one backend stand for two processes: 2 × 10 concurrent callers of a stale key
+/// run one refresh in all (the Redis lease, taken without waiting); the 19 others get the
+/// stale value.
+async fn stale_refresh_runs_once_across_processes(client: &Client) {
+    // Arrange
+    let processes = [swr_cache(client), swr_cache(client)];
+    store_first(&processes[0], "fleet").await;
+    pass_the_ttl().await;
+
+    // Act
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Lookup<Profile>>();
+    for cache in &processes {
+        for _ in 0..10 {
+            let (cache, runs, gate, tx) = (cache.clone(), runs.clone(), gate.clone(), tx.clone());
+            tokio::spawn(async move {
+                let lookup = cache
+                    .try_get_or_set("fleet", SWR_TTL, move || gated(runs, gate, profile(2)))
+                    .await
+                    .unwrap();
+                tx.send(lookup).unwrap();
+            });
+        }
+    }
+
+    // Assert
+    for _ in 0..19 {
+        let lookup = next_answer(&mut rx).await;
+        assert_eq!(
+            (lookup.value, lookup.status),
+            (profile(1), CacheStatus::Stale)
+        );
+    }
+    gate.add_permits(1);
+    let refreshed = next_answer(&mut rx).await;
+    assert_eq!(
+        (refreshed.value, refreshed.status),
+        (profile(2), CacheStatus::Miss)
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "refreshed once across both processes"
+    );
+    for cache in &processes {
+        assert_eq!(
+            cache.get::<Profile>("fleet").await.unwrap(),
+            Some(profile(2))
+        );
+    }
+}
+
+/// A refresh that fails leaves the stale value in place: callers meanwhile get it, the caller
+/// that ran the inline refresh gets the error, and a later call refreshes. A failed background
+/// refresh (logged) likewise leaves the stale value, and a later call's refresh succeeds.
+async fn a_failed_refresh_keeps_serving_stale(client: &Client) {
+    // Arrange: two stale values, one for each variant.
+    let cache = swr_cache(client);
+    store_first(&cache, "inline").await;
+    store_first(&cache, "background").await;
+    pass_the_ttl().await;
+
+    // Act (inline): a failing refresh held at the gate while 5 others call.
+    let started = Arc::new(Semaphore::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let failing = {
+        let (cache, started, gate) = (cache.clone(), started.clone(), gate.clone());
+        tokio::spawn(async move {
+            cache
+                .try_get_or_set("inline", SWR_TTL, move || async move {
+                    started.add_permits(1);
+                    gate.acquire().await.unwrap().forget();
+                    Err::<Profile, _>(rediskit::Error::new(ErrorKind::Backend, "boom"))
+                })
+                .await
+        })
+    };
+    // Once its computation runs, the failing call is the refresher: the others are served stale.
+    tokio::time::timeout(Duration::from_secs(20), started.acquire())
+        .await
+        .expect("the failing refresh never started")
+        .unwrap()
+        .forget();
+    for _ in 0..5 {
+        let lookup = cache
+            .try_get_or_set("inline", SWR_TTL, || async {
+                Ok::<_, rediskit::Error>(profile(7))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (lookup.value, lookup.status),
+            (profile(1), CacheStatus::Stale)
+        );
+    }
+    gate.add_permits(1);
+
+    // Assert (inline)
+    let err = failing.await.unwrap().unwrap_err();
+    assert_eq!(err.message(), "boom");
+    assert_eq!(
+        cache.get::<Profile>("inline").await.unwrap(),
+        Some(profile(1)),
+        "the stale value survives the failed refresh"
+    );
+    let next = cache
+        .try_get_or_set("inline", SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!((next.value, next.status), (profile(2), CacheStatus::Miss));
+
+    // Act (background): the spawned refresh fails.
+    let stale = cache
+        .try_get_or_set_background("background", SWR_TTL, || async {
+            Err::<Profile, _>(rediskit::Error::new(ErrorKind::Backend, "boom"))
+        })
+        .await
+        .unwrap();
+
+    // Assert (background): stale meanwhile, and the next refresh stores the new value.
+    assert_eq!(
+        (stale.value, stale.status),
+        (profile(1), CacheStatus::Stale)
+    );
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut refreshed = None;
+    for _ in 0..1000 {
+        let runs = runs.clone();
+        let lookup = cache
+            .try_get_or_set_background("background", SWR_TTL, move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, rediskit::Error>(profile(2))
+            })
+            .await
+            .unwrap();
+        match lookup.status {
+            CacheStatus::Hit => {
+                refreshed = Some(lookup.value);
+                break;
+            }
+            CacheStatus::Stale => assert_eq!(lookup.value, profile(1)),
+            other => panic!("{other:?} while the stale value should be served"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(refreshed, Some(profile(2)));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one successful refresh");
+}
+
+/// Past TTL + window the value is gone: plain `get` finds nothing and `get_or_set` is an
+/// ordinary `Miss`.
+async fn past_the_stale_window_is_an_ordinary_miss(client: &Client) {
+    // Arrange: a short window this time.
+    let cache = Cache::builder(client)
+        .stale_while_revalidate(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    store_first(&cache, "brief").await;
+
+    // Act
+    tokio::time::sleep(SWR_TTL + Duration::from_millis(300) + Duration::from_millis(300)).await;
+
+    // Assert
+    assert_eq!(cache.get::<Profile>("brief").await.unwrap(), None);
+    let lookup = cache
+        .try_get_or_set("brief", SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (lookup.value, lookup.status),
+        (profile(2), CacheStatus::Miss)
+    );
+    assert_eq!(cache.stats().stale_hits, 0);
+}
+
+/// Without a window (the default) values live exactly their TTL and are never stale: past the
+/// TTL `get_or_set` is a `Miss`. With a window, every write (`set` too) is stored TTL + window.
+async fn zero_stale_window_changes_nothing(client: &Client) {
+    // Arrange
+    let plain = Cache::new(client);
+    let windowed = swr_cache(client);
+    store_first(&plain, "k").await;
+    windowed
+        .set_with_ttl("k", &profile(1), SWR_TTL)
+        .await
+        .unwrap();
+
+    // Act
+    let plain_left = plain.ttl("k").await.unwrap().unwrap();
+    let windowed_left = windowed.ttl("k").await.unwrap().unwrap();
+    pass_the_ttl().await;
+
+    // Assert
+    assert!(plain_left <= SWR_TTL, "{plain_left:?}");
+    assert!(windowed_left > SWR_WINDOW, "{windowed_left:?}");
+    assert_eq!(plain.get::<Profile>("k").await.unwrap(), None);
+    let lookup = plain
+        .try_get_or_set("k", SWR_TTL, || async {
+            Ok::<_, rediskit::Error>(profile(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (lookup.value, lookup.status),
+        (profile(2), CacheStatus::Miss)
+    );
+    assert_eq!(plain.stats().stale_hits, 0);
+    assert_eq!(
+        windowed.get::<Profile>("k").await.unwrap(),
+        Some(profile(1)),
+        "a value written by `set` is kept for the window too"
     );
 }

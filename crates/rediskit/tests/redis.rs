@@ -4,11 +4,14 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
-use rediskit::{Cache, Client, Config, ErrorKind, ttl};
+use rediskit::{Cache, CacheStatus, Client, Config, ErrorKind, Lookup, ttl};
 use rediskit_testkit::RedisServer;
+use tokio::sync::{Semaphore, mpsc};
 
 fn cmd<T: redis::FromRedisValue>(server: &RedisServer, args: &[&[u8]]) -> T {
     let mut command = redis::cmd(std::str::from_utf8(args[0]).unwrap());
@@ -194,6 +197,139 @@ async fn wire_format() {
     let json_len = serde_json::to_vec(&big).unwrap().len();
     assert_eq!(raw[2] >> 4, 1, "lz4");
     assert!(raw.len() < json_len / 2, "{} vs {json_len}", raw.len());
+}
+
+/// The next answer of the gated callers. A regression where two callers refresh would leave
+/// both waiting at the gate and the test hanging; this turns that into a failure.
+async fn next_answer<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("no answer: is more than one caller refreshing (and waiting at the gate)?")
+        .expect("a caller panicked")
+}
+
+/// Two `Client`s on one redis-server stand for two processes: of 2 × 10 concurrent callers of a
+/// stale key, one refreshes it (it takes the lease; the other process's would-be refresher finds
+/// the lease taken and serves stale), and the value is stored for TTL + window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_refresh_runs_once_across_clients() {
+    // Arrange: two handles, a value past its TTL.
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(500);
+    let window = Duration::from_secs(30);
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let client = Client::connect(common::config(&server.url()))
+            .await
+            .unwrap();
+        let cache = Cache::builder(&client)
+            .stale_while_revalidate(window)
+            .build()
+            .unwrap();
+        caches.push(cache);
+    }
+    let first = caches[0]
+        .try_get_or_set("fleet", ttl, || async { Ok::<_, rediskit::Error>(1) })
+        .await
+        .unwrap();
+    assert_eq!((first.value, first.status), (1, CacheStatus::Miss));
+    let pttl: i64 = cmd(&server, &[b"PTTL", b"rk:cache:default:fleet"]);
+    assert!(
+        pttl > 30_000 && pttl <= 30_500,
+        "stored for TTL + window: {pttl}"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+
+    // Act: the refresh is held at a gate until the 19 others have answered.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Lookup<i32>>();
+    for cache in &caches {
+        for _ in 0..10 {
+            let (cache, runs, gate, tx) = (cache.clone(), runs.clone(), gate.clone(), tx.clone());
+            tokio::spawn(async move {
+                let lookup = cache
+                    .try_get_or_set("fleet", ttl, move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        gate.acquire().await.unwrap().forget();
+                        Ok::<_, rediskit::Error>(2)
+                    })
+                    .await
+                    .unwrap();
+                tx.send(lookup).unwrap();
+            });
+        }
+    }
+
+    // Assert
+    for _ in 0..19 {
+        let lookup = next_answer(&mut rx).await;
+        assert_eq!((lookup.value, lookup.status), (1, CacheStatus::Stale));
+    }
+    gate.add_permits(1);
+    let refreshed = next_answer(&mut rx).await;
+    assert_eq!((refreshed.value, refreshed.status), (2, CacheStatus::Miss));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "one refresh in both processes"
+    );
+    let lease: u64 = cmd(&server, &[b"EXISTS", b"rk:lease:default:fleet"]);
+    assert_eq!(lease, 0, "the lease was released");
+}
+
+/// With a window, a hit is still one Redis call (value and age come from one script), as
+/// without; a value that another program stored without expiry is never stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_window_reads_in_one_call() {
+    // Arrange
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let client = &backend.client;
+    let plain = Cache::builder(client).namespace("plain").build().unwrap();
+    let windowed = Cache::builder(client)
+        .namespace("windowed")
+        .stale_while_revalidate(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let compute = || async { Ok::<_, rediskit::Error>(1) };
+    for cache in [&plain, &windowed] {
+        cache
+            .try_get_or_set("k", ttl::SHORT, compute)
+            .await
+            .unwrap();
+        // The script's first call may have loaded it; count from here.
+        cache
+            .try_get_or_set("k", ttl::SHORT, compute)
+            .await
+            .unwrap();
+    }
+
+    // Act
+    let mut calls = Vec::new();
+    for cache in [&plain, &windowed] {
+        let before = client.stats().commands;
+        let lookup = cache
+            .try_get_or_set("k", ttl::SHORT, compute)
+            .await
+            .unwrap();
+        assert_eq!(lookup.status, CacheStatus::Hit);
+        calls.push(client.stats().commands - before);
+    }
+
+    // Assert
+    assert_eq!(calls, vec![1, 1], "Redis calls per hit: plain, windowed");
+    let _: () = cmd(
+        server,
+        &[b"SET", b"rk:cache:windowed:forever", b"\xF5\x01\x017"],
+    );
+    let lookup = windowed
+        .try_get_or_set("forever", ttl::SHORT, || async {
+            Ok::<_, rediskit::Error>(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!((lookup.value, lookup.status), (7, CacheStatus::Hit));
 }
 
 /// Listing keys uses SCAN, never KEYS, and pages through more keys than one SCAN page.

@@ -140,6 +140,17 @@ async fn every_operation(client: &Client, server: &TlsRedisServer) -> rediskit::
         cache.try_get::<i32>("computed").await? == Some(42),
         "get_or_set stored",
     )?;
+    // With a stale window, `get_or_set` reads value and age with `get_with_pttl.lua`.
+    let windowed = Cache::builder(client)
+        .namespace("swr")
+        .stale_while_revalidate(Duration::from_secs(60))
+        .build()?;
+    for _ in 0..2 {
+        let lookup = windowed
+            .try_get_or_set("computed", ttl::SHORT, || async { Ok::<_, Error>(43) })
+            .await?;
+        check(lookup.value == 43, "get_or_set with a stale window")?;
+    }
     // Sessions, with a cap of 2 so that the third creation evicts one of the first two (which
     // one is not defined within one second).
     let sessions = Sessions::builder(client, SECRET).max_sessions(2).build()?;

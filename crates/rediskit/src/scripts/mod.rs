@@ -10,6 +10,10 @@ use std::sync::LazyLock;
 pub(crate) static DEL_IF_EQUALS: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("del_if_equals.lua")));
 
+/// `get_with_pttl.lua`: a value and its remaining time to live, in one round trip.
+pub(crate) static GET_WITH_PTTL: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("get_with_pttl.lua")));
+
 /// The session scripts, each with the shared prelude prepended.
 macro_rules! session_script {
     ($name:ident, $file:literal) => {
@@ -33,9 +37,10 @@ pub(crate) static GCRA: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("gcra.lua")));
 
 /// Every script, for [`Client::load_scripts`](crate::Client::load_scripts).
-pub(crate) fn all() -> [&'static redis::Script; 6] {
+pub(crate) fn all() -> [&'static redis::Script; 7] {
     [
         &DEL_IF_EQUALS,
+        &GET_WITH_PTTL,
         &SESSION_CREATE,
         &SESSION_ROTATE,
         &SESSION_REVOKE,
