@@ -84,6 +84,13 @@ impl RedisServer {
         args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(Into::into));
         args.extend(self.args.iter().map(Into::into));
         match launch(self.dir.path(), &args, || self.ping()) {
+            // Under parallel tests the answer may have come from another test's server that took
+            // the port first, while ours is about to exit with "Address already in use".
+            Some(mut child) if !node::serves_unless_locked(self.port, child.id()) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                false
+            }
             Some(child) => {
                 self.child = Some(child);
                 true

@@ -120,6 +120,17 @@ fn serves(port: u16, pid: u32) -> bool {
     info.is_ok_and(|info| info_field(&info, "process_id") == Some(pid.to_string().as_str()))
 }
 
+/// [`serves`], for a server that may require a password: one that refuses `INFO` with `NOAUTH`
+/// cannot be told apart and counts as ours (the port was free a moment before).
+pub(crate) fn serves_unless_locked(port: u16, pid: u32) -> bool {
+    let info: redis::RedisResult<String> = try_connect(port, Duration::from_secs(2))
+        .and_then(|mut connection| redis::cmd("INFO").arg("server").query(&mut connection));
+    match info {
+        Ok(info) => info_field(&info, "process_id") == Some(pid.to_string().as_str()),
+        Err(err) => err.code() == Some("NOAUTH"),
+    }
+}
+
 /// A connection to `127.0.0.1:port` (database 0, so no `SELECT`, which sentinels refuse) whose
 /// connect, reads and writes each give up after `timeout`: polling loops must not hang on a
 /// stopped or dead node.
