@@ -105,8 +105,11 @@ pub struct Health {
 /// # Behavior
 ///
 /// - **Multiplexed.** The handle keeps [`Config::max_connections`] connections; each carries any
-///   number of concurrent commands, pipelined on the wire. A burst of callers queues on them: it
-///   never fails with "too many connections".
+///   number of concurrent commands, pipelined on the wire (auto-pipelining: concurrent callers'
+///   commands leave in one write). Callers fill the first connection up to 32 commands in flight
+///   before using the next, so commands batch instead of spreading thin. A burst of callers
+///   queues on them: it never fails with "too many connections". On a cluster each pooled
+///   connection holds one multiplexed connection per node.
 /// - **Deadlines.** Every command is bounded by [`Config::command_timeout`]; a late answer is an
 ///   [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) error, never a hang.
 /// - **Reconnects by itself.** A connection that fails with an I/O error reconnects in the
@@ -485,27 +488,14 @@ impl Client {
         let pings = (0..pool.connections.len()).map(|index| {
             let pool = pool.clone();
             async move {
-                let started = Instant::now();
-                self.run_on(&pool, index, "PING", |c| async move {
-                    match c {
-                        // Every primary must answer; a replica that is down is not an outage.
-                        Conn::Cluster(mut c) => {
-                            use redis::cluster_routing::{
-                                MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
-                            };
-                            let routing = RoutingInfo::MultiNode((
-                                MultipleNodeRoutingInfo::AllMasters,
-                                Some(ResponsePolicy::AllSucceeded),
-                            ));
-                            c.route_command(redis::cmd("PING"), routing)
-                                .await
-                                .map(|_| ())
-                        }
-                        mut c => redis::cmd("PING").query_async::<()>(&mut c).await,
+                // An idle connection cut since its last use fails once, and reconnects on that
+                // failure: one more try tells a dead server from a stale connection.
+                match self.ping_one(&pool, index).await {
+                    Err(err) if err.is_connection_failure() && !err.is_timeout() => {
+                        self.ping_one(&pool, index).await
                     }
-                })
-                .await
-                .map(|()| started.elapsed())
+                    other => other,
+                }
             }
         });
         let mut slowest = Duration::ZERO;
@@ -513,6 +503,31 @@ impl Client {
             slowest = slowest.max(result?);
         }
         Ok(slowest)
+    }
+
+    /// `PING` on one pooled connection (on a cluster: on every primary through it).
+    async fn ping_one(&self, pool: &Pool, index: usize) -> Result<Duration> {
+        let started = Instant::now();
+        self.run_on(pool, index, "PING", |c| async move {
+            match c {
+                // Every primary must answer; a replica that is down is not an outage.
+                Conn::Cluster(mut c) => {
+                    use redis::cluster_routing::{
+                        MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                    };
+                    let routing = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::AllSucceeded),
+                    ));
+                    c.route_command(redis::cmd("PING"), routing)
+                        .await
+                        .map(|_| ())
+                }
+                mut c => redis::cmd("PING").query_async::<()>(&mut c).await,
+            }
+        })
+        .await
+        .map(|()| started.elapsed())
     }
 
     /// Runs one Redis command (or script, or transaction) on the next connection, under the
@@ -532,7 +547,7 @@ impl Client {
                 ),
             )
         })?;
-        let index = pool.next.fetch_add(1, Ordering::Relaxed) % pool.connections.len();
+        let index = pool.pick();
         let result = self.run_on(&pool, index, what, call).await;
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
         // reads still work.
@@ -1117,7 +1132,25 @@ fn ttl_millis(ttl: Duration) -> u64 {
     (ttl.as_millis() as u64).max(1)
 }
 
+/// Commands in flight on a connection before callers move on to the next one.
+const PIPELINE_DEPTH: usize = 32;
+
 impl Pool {
+    /// The connection for the next command: the first one with fewer than [`PIPELINE_DEPTH`]
+    /// commands in flight, so that concurrent callers share a connection and its writes (one
+    /// `write` carries many commands, one `read` many replies) instead of spreading thin over
+    /// all of them; when every connection is that busy, round robin.
+    fn pick(&self) -> usize {
+        if let Some(index) = self
+            .connections
+            .iter()
+            .position(|slot| slot.in_flight.load(Ordering::Relaxed) < PIPELINE_DEPTH)
+        {
+            return index;
+        }
+        self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()
+    }
+
     /// `max_connections` managed connections to one server (standalone, or the primary the
     /// sentinels named, whose address is `address`).
     fn standalone(
