@@ -32,7 +32,7 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rediskit::web::{AccessTokens, Auth, Problem, RateLimitLayer};
-use rediskit::{Cache, Client, FailurePolicy, Quota, RateLimiter, Sessions};
+use rediskit::{Cache, Client, FailurePolicy, NearCacheConfig, Quota, RateLimiter, Sessions};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -81,9 +81,13 @@ impl AppState {
     /// Builds the handles over `client`.
     pub fn new(client: Client, config: &ServiceConfig) -> rediskit::Result<Self> {
         let secret = config.jwt_secret.expose();
-        let sessions = Sessions::builder(&client, secret)
-            .default_ttl(config.refresh_ttl)
-            .build()?;
+        let mut sessions = Sessions::builder(&client, secret).default_ttl(config.refresh_ttl);
+        if config.near_cache_sessions {
+            // The check every authenticated request makes; invalidated by Redis on any write to
+            // the user's sessions, from any instance.
+            sessions = sessions.near_cache(NearCacheConfig::default());
+        }
+        let sessions = sessions.build()?;
         let tokens = AccessTokens::with_ttl(secret, config.access_ttl)?;
         let minute = Duration::from_secs(60);
         Ok(Self {

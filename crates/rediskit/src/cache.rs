@@ -727,7 +727,7 @@ impl Cache {
         if missing.is_empty() {
             return Ok(out);
         }
-        let fetched: Option<(Vec<Option<Vec<u8>>>, Vec<i64>)> = self.soft(
+        let fetched: Option<(Vec<Option<Vec<u8>>>, Ttls)> = self.soft(
             self.inner
                 .client
                 .run("MGET PTTL", |mut c| {
@@ -857,6 +857,9 @@ impl Cache {
         }
     }
 }
+
+/// `PTTL` replies, in milliseconds (-1: no expiry, -2: no key).
+type Ttls = Vec<i64>;
 
 /// The outcome of [`Cache::take_lease`]: ours to compute (with the lease to release, if one was
 /// taken), or the value another process computed while we waited.

@@ -102,7 +102,7 @@ pub use keys::{MAX_KEY_LEN, MAX_NAME_LEN};
 #[doc(inline)]
 pub use near::{
     DEFAULT_NEAR_CAPACITY, DEFAULT_NEAR_MAX_AGE, DEFAULT_NEAR_MAX_BYTES, NearCacheConfig,
-    NearStats, TRACKING_CONNECTION_NAME,
+    NearStats, PING_INTERVAL, TRACKING_CONNECTION_NAME, TRACKING_LEASE,
 };
 #[doc(inline)]
 pub use ratelimit::{Decision, FailurePolicy, Quota, RateLimitStats, RateLimiter};

@@ -20,7 +20,9 @@
 //! - **Lost connection, lost invalidations.** When the tracking connection drops (or a `PING`
 //!   every [`PING_INTERVAL`] fails), every store is emptied and refuses inserts — reads go to
 //!   Redis — until a background task has reconnected (back-off, every call under the deadlines)
-//!   and tracking is on again. A `FLUSHALL`/`FLUSHDB` (a null invalidation) empties every store.
+//!   and tracking is on again. A connection that goes silent without dying (a paused server, a
+//!   partition) stops the stores from serving within [`TRACKING_LEASE`] of its last `PONG`.
+//!   A `FLUSHALL`/`FLUSHDB` (a null invalidation) empties every store.
 //! - **Bounded age.** Every entry expires after [`NearCacheConfig::max_age`], and never later
 //!   than the key's own TTL in Redis (read with `PTTL` in the same round trip as the value).
 
@@ -47,9 +49,13 @@ pub const DEFAULT_NEAR_MAX_BYTES: usize = 64 << 20;
 pub const DEFAULT_NEAR_MAX_AGE: Duration = Duration::from_secs(30);
 /// The `CLIENT SETNAME` of the tracking connection, to find it in `CLIENT LIST`.
 pub const TRACKING_CONNECTION_NAME: &str = "rediskit-near";
-/// How often the tracking connection is pinged: a connection that died silently (no reset, as
-/// in a network partition) is found within this plus the command timeout.
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the tracking connection is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_millis(100);
+/// A near-cache serves only while the tracking connection answered a `PING` this recently: when
+/// Redis stops answering (paused, partitioned: no reset tells us), the near-cache stops serving
+/// within this time — and reads go to Redis and fail as unavailable — rather than after the
+/// `PING`'s deadline.
+pub const TRACKING_LEASE: Duration = Duration::from_millis(500);
 
 /// Change counters per store: two reads of keys that share one are serialised against each
 /// other's invalidations, so more counters mean fewer inserts refused for nothing.
@@ -191,6 +197,9 @@ pub(crate) struct Shared {
     /// cannot take down its successor.
     generation: AtomicU64,
     stopped: AtomicBool,
+    /// When the tracking connection last answered, in µs since `origin`.
+    last_pong: AtomicU64,
+    origin: Instant,
 }
 
 impl Shared {
@@ -201,7 +210,25 @@ impl Shared {
             tx,
             generation: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            last_pong: AtomicU64::new(0),
+            origin: Instant::now(),
         }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_micros() as u64
+    }
+
+    /// The tracking connection answered just now.
+    fn pong(&self) {
+        self.last_pong
+            .store(self.micros(Instant::now()), Ordering::SeqCst);
+    }
+
+    /// The tracking connection answered within [`TRACKING_LEASE`] of `now`.
+    fn fresh(&self, now: Instant) -> bool {
+        let last = self.last_pong.load(Ordering::SeqCst);
+        self.micros(now).saturating_sub(last) <= TRACKING_LEASE.as_micros() as u64
     }
 
     fn live_stores(&self) -> Vec<Arc<NearStore>> {
@@ -237,6 +264,7 @@ impl Shared {
     /// since `base` (the connection died meanwhile).
     fn try_up(&self, base: u64, tracked: &[Arc<NearStore>]) -> bool {
         let next = ((epoch(base) + 1) << 1) | LIVE;
+        self.pong();
         for store in tracked {
             store.ready_epoch.store(epoch(next), Ordering::SeqCst);
         }
@@ -635,6 +663,9 @@ async fn serve(
                 if call(&mut connection, &redis::cmd("PING"), settings).await.is_err() {
                     return Exit::Lost;
                 }
+                if let Some(shared) = shared.upgrade() {
+                    shared.pong();
+                }
             }
         }
     }
@@ -791,9 +822,12 @@ impl NearStore {
     }
 
     /// The tracker's state when this store may serve and keep entries.
-    fn ready(&self) -> Option<u64> {
+    fn ready(&self, now: Instant) -> Option<u64> {
         let state = self.shared.state.load(Ordering::SeqCst);
-        (is_live(state) && self.ready_epoch.load(Ordering::SeqCst) == epoch(state)).then_some(state)
+        (is_live(state)
+            && self.ready_epoch.load(Ordering::SeqCst) == epoch(state)
+            && self.shared.fresh(now))
+        .then_some(state)
     }
 
     fn locate(&self, key: &str) -> (u64, MutexGuard<'_, Shard>, usize) {
@@ -811,11 +845,11 @@ impl NearStore {
 
     /// The bytes held for `field` of `key` (`""` for a plain value), if any and still fresh.
     pub(crate) fn get(&self, key: &str, field: &str) -> Option<Arc<[u8]>> {
-        if self.ready().is_none() {
+        let now = Instant::now();
+        if self.ready(now).is_none() {
             self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let now = Instant::now();
         let (_, mut shard, _) = self.locate(key);
         let found = shard.map.get_mut(key).and_then(|slot| {
             let item = slot.items.iter().find(|item| &*item.field == field)?;
@@ -836,7 +870,7 @@ impl NearStore {
     /// A ticket to keep the reply of a read of `key` about to be sent; `None` while this store
     /// is not live (then the reply must not be kept).
     pub(crate) fn ticket(&self, key: &str) -> Option<Ticket> {
-        let state = self.ready()?;
+        let state = self.ready(Instant::now())?;
         let (hash, shard, bucket) = self.locate(key);
         Some(Ticket {
             state,
@@ -1057,6 +1091,20 @@ mod tests {
         let ticket = store.ticket("p:a").unwrap();
         assert!(store.insert(ticket, "p:a", "", b"three", None));
         assert_eq!(store.get("p:a", "").as_deref(), Some(&b"three"[..]));
+    }
+
+    /// A tracking connection that stops answering stops the store from serving after the lease,
+    /// and an answer renews it.
+    #[test]
+    fn serves_only_while_the_tracking_connection_answers() {
+        let (shared, store) = live_store(NearCacheConfig::default());
+        let ticket = store.ticket("p:a").unwrap();
+        assert!(store.insert(ticket, "p:a", "", b"one", None));
+        std::thread::sleep(TRACKING_LEASE + Duration::from_millis(20));
+        assert!(store.get("p:a", "").is_none());
+        assert!(store.ticket("p:b").is_none());
+        shared.pong();
+        assert_eq!(store.get("p:a", "").as_deref(), Some(&b"one"[..]));
     }
 
     /// A connection that died while tracking was being switched on does not come up.

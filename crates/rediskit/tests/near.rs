@@ -29,15 +29,22 @@ fn near(client: &Client, config: NearCacheConfig) -> Cache {
         .unwrap()
 }
 
-/// Reads `key` until a read is served from memory: the tracking connection is up and the
-/// prefix tracked. Panics after 5 s.
+/// Reads `key` until reads are served from memory: the tracking connection is up, the prefix
+/// tracked, and the invalidation of the test's own last write (which comes back too) has passed
+/// — two reads 20 ms apart are hits. Panics after 5 s.
 async fn until_near_hit(cache: &Cache, key: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    let before = cache.stats().near.hits;
-    while cache.stats().near.hits == before {
+    let mut streak = 0;
+    while streak < 2 {
         assert!(Instant::now() < deadline, "the near-cache never served");
+        let before = cache.stats().near.hits;
         let _ = cache.get::<String>(key).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        streak = if cache.stats().near.hits > before {
+            streak + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -214,6 +221,27 @@ async fn lost_tracking_connection_flushes_and_recovers() {
     until_value(&held, "k", Some("v3"), BOUND).await;
 }
 
+/// A Redis that stops answering without closing the connection (paused) stops the near-cache
+/// from serving within the tracking lease: reads go to Redis and fail as unavailable, as they
+/// would without a near-cache, instead of answering from memory what nobody can invalidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_stops_the_near_cache_within_the_lease() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+
+    server.signal("STOP");
+    tokio::time::sleep(rediskit::TRACKING_LEASE + Duration::from_millis(100)).await;
+    let read = cache.try_get::<String>("k").await;
+    server.signal("CONT");
+
+    let err = read.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    until_near_hit(&cache, "k").await;
+}
+
 /// An entry is served for at most the max age, however quiet its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_expire_after_the_max_age() {
@@ -248,10 +276,15 @@ async fn entries_never_outlive_the_redis_ttl() {
     let cache = near(&a, NearCacheConfig::default());
     cache.set("warm", "w").await.unwrap();
     until_near_hit(&cache, "warm").await;
+    let invalidations = cache.stats().near.invalidations;
     cache
         .set_with_ttl("brief", "v", Duration::from_millis(300))
         .await
         .unwrap();
+    // Our own write's invalidation comes back too; once it has, a read is kept.
+    while cache.stats().near.invalidations == invalidations {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(
         cache.get::<String>("brief").await.unwrap().as_deref(),
         Some("v")
@@ -321,10 +354,17 @@ async fn session_checks_are_cached_and_invalidated_by_any_write() {
     let issued = writer.create("alice", "laptop", None, None).await.unwrap();
     let sid = issued.session.session_id.clone();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while checks.stats().near.hits == 0 {
+    let mut streak = 0;
+    while streak < 2 {
         assert!(Instant::now() < deadline, "the near-cache never served");
+        let before = checks.stats().near.hits;
         assert!(checks.session("alice", &sid).await.unwrap().is_some());
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        streak = if checks.stats().near.hits > before {
+            streak + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let commands = a.stats().commands;
     for _ in 0..50 {
@@ -342,10 +382,11 @@ async fn session_checks_are_cached_and_invalidated_by_any_write() {
             }
         }
     };
+    let base = checks.stats().near.invalidations;
     writer.create("alice", "phone", None, None).await.unwrap();
-    invalidated(1).await;
+    invalidated(base + 1).await;
     let rotated = writer.rotate(issued.token.expose(), None).await.unwrap();
-    invalidated(2).await;
+    invalidated(base + 2).await;
     let session = checks.session("alice", &sid).await.unwrap().unwrap();
     assert_eq!(session.generation, rotated.session.generation);
 
