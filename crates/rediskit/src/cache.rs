@@ -715,6 +715,11 @@ impl Cache {
         near: &NearStore,
         redis_keys: Vec<String>,
     ) -> Result<Vec<Option<T>>> {
+        if self.inner.client.is_closed() {
+            // Fail soft, as `mget` does on a closed client.
+            self.soft::<()>(Err(Error::closed()))?;
+            return Ok(redis_keys.iter().map(|_| None).collect());
+        }
         let mut out: Vec<Option<T>> = Vec::with_capacity(redis_keys.len());
         let mut missing = Vec::new();
         for (index, redis_key) in redis_keys.iter().enumerate() {

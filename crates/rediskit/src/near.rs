@@ -69,6 +69,9 @@ const ENTRY_OVERHEAD: usize = 96;
 /// First pause before reconnecting the tracking connection; doubles up to the connect timeout
 /// (at least one second).
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Pause before trying again when Redis refused tracking (no RESP3, an ACL without
+/// `client|tracking`): that rarely changes soon.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Opts a cache namespace (or the session store) into the near-cache: see
 /// [`CacheBuilder::near_cache`](crate::CacheBuilder::near_cache).
@@ -468,6 +471,7 @@ async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0u32;
     loop {
+        let mut pause = backoff;
         let (base, generation) = {
             let Some(shared) = shared.upgrade() else {
                 return;
@@ -507,6 +511,9 @@ async fn run(
             }
             Err(err) => {
                 failures += 1;
+                if !err.is_unavailable() {
+                    pause = REFUSED_BACKOFF;
+                }
                 // Loud once, then quiet: a Redis without RESP3 or an ACL without
                 // `client|tracking` would otherwise fill the log.
                 if failures == 1 {
@@ -520,11 +527,11 @@ async fn run(
             }
         }
         // Wait before reconnecting, still obeying `Stop`.
-        let pause = tokio::time::sleep(backoff);
-        tokio::pin!(pause);
+        let sleep = tokio::time::sleep(pause);
+        tokio::pin!(sleep);
         loop {
             tokio::select! {
-                () = &mut pause => break,
+                () = &mut sleep => break,
                 msg = rx.recv() => match msg {
                     None | Some(Msg::Stop) => return,
                     // Registrations are picked up from the store list when connecting.

@@ -579,4 +579,9 @@ async fn near_cache_namespace_keeps_the_contract(client: &Client) {
         ErrorKind::Closed
     );
     assert_eq!(cache.get::<String>("warm").await.unwrap(), None);
+    assert_eq!(
+        cache.get_many::<String>(&["warm"]).await.unwrap(),
+        vec![None],
+        "get_many stays soft"
+    );
 }
