@@ -63,6 +63,9 @@ pub struct ServiceConfig {
     pub revoke_wait_replicas: u32,
     /// How long a logout waits for them.
     pub revoke_wait: Duration,
+    /// `NEAR_CACHE_SESSIONS`: keep the per-request session check in process memory, invalidated
+    /// by Redis (client-side caching). Default: true.
+    pub near_cache_sessions: bool,
 }
 
 /// A configuration error: the message names the variable.
@@ -169,17 +172,8 @@ impl ServiceConfig {
                 revoke_wait.as_millis()
             )));
         }
-        let trust_forwarded_for =
-            match get("TRUST_FORWARDED_FOR").map(|v| v.trim().to_ascii_lowercase()) {
-                None => false,
-                Some(v) if matches!(v.as_str(), "true" | "1" | "yes") => true,
-                Some(v) if matches!(v.as_str(), "false" | "0" | "no") => false,
-                Some(v) => {
-                    return Err(ConfigError(format!(
-                        "TRUST_FORWARDED_FOR: expected true or false, got `{v}`"
-                    )));
-                }
-            };
+        let trust_forwarded_for = flag(&get, "TRUST_FORWARDED_FOR", false)?;
+        let near_cache_sessions = flag(&get, "NEAR_CACHE_SESSIONS", true)?;
         Ok(Self {
             redis,
             redis_configured,
@@ -196,7 +190,23 @@ impl ServiceConfig {
             trust_forwarded_for,
             revoke_wait_replicas,
             revoke_wait,
+            near_cache_sessions,
         })
+    }
+}
+
+fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "true" | "1" | "yes") => Ok(true),
+        Some(v) if matches!(v.as_str(), "false" | "0" | "no") => Ok(false),
+        Some(v) => Err(ConfigError(format!(
+            "{name}: expected true or false, got `{v}`"
+        ))),
     }
 }
 
@@ -244,6 +254,7 @@ mod tests {
         assert_eq!(config.demo_stale, Duration::from_secs(60));
         assert_eq!((config.login_per_min, config.auth_per_min), (10, 100));
         assert!(!config.trust_forwarded_for);
+        assert!(config.near_cache_sessions);
         assert!(config.jwt_secret_generated);
         assert!(config.jwt_secret.expose().len() >= 32);
         assert!(!config.redis_configured);
@@ -299,6 +310,21 @@ mod tests {
         assert_eq!(config.demo_stale, Duration::ZERO);
     }
 
+    /// The session near-cache can be turned off.
+    #[test]
+    fn near_cache_switch() {
+        assert!(
+            !from(&[("NEAR_CACHE_SESSIONS", "false")])
+                .unwrap()
+                .near_cache_sessions
+        );
+        assert!(
+            from(&[("NEAR_CACHE_SESSIONS", "1")])
+                .unwrap()
+                .near_cache_sessions
+        );
+    }
+
     /// A bad value names its variable.
     #[test]
     fn bad_values() {
@@ -314,6 +340,7 @@ mod tests {
             ("RATE_LIMIT_LOGIN_PER_MIN", "0"),
             ("RATE_LIMIT_AUTH_PER_MIN", "lots"),
             ("TRUST_FORWARDED_FOR", "maybe"),
+            ("NEAR_CACHE_SESSIONS", "sometimes"),
             ("REDIS_COMMAND_TIMEOUT_MS", "0"),
             ("SESSION_REVOKE_WAIT_REPLICAS", "-1"),
             ("SESSION_REVOKE_WAIT_MS", "0"),

@@ -32,7 +32,7 @@ use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rediskit::web::{AccessTokens, Auth, Problem, RateLimitLayer};
-use rediskit::{Cache, Client, FailurePolicy, Quota, RateLimiter, Sessions};
+use rediskit::{Cache, Client, FailurePolicy, NearCacheConfig, Quota, RateLimiter, Sessions};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -84,6 +84,11 @@ impl AppState {
         let mut sessions = Sessions::builder(&client, secret).default_ttl(config.refresh_ttl);
         if config.revoke_wait_replicas > 0 {
             sessions = sessions.wait_for_replicas(config.revoke_wait_replicas, config.revoke_wait);
+        }
+        if config.near_cache_sessions {
+            // The check every authenticated request makes; invalidated by Redis on any write to
+            // the user's sessions, from any instance.
+            sessions = sessions.near_cache(NearCacheConfig::default());
         }
         let sessions = sessions.build()?;
         let tokens = AccessTokens::with_ttl(secret, config.access_ttl)?;

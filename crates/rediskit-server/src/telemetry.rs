@@ -96,6 +96,19 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     absolute("redis_command_timeouts_total", client.timeouts);
     absolute("redis_breaker_trips_total", client.breaker_trips);
     absolute("redis_breaker_rejected_total", client.breaker_rejected);
+    // Only the session check has a near-cache (unless NEAR_CACHE_SESSIONS=false); the label
+    // leaves room for cache namespaces that opt in.
+    let near = sessions.near;
+    let labelled = |name: &'static str, value: u64| {
+        metrics::counter!(name, "cache" => "sessions").absolute(value);
+    };
+    labelled("near_cache_hits_total", near.hits);
+    labelled("near_cache_misses_total", near.misses);
+    labelled("near_cache_invalidations_total", near.invalidations);
+    labelled("near_cache_flushes_total", near.flushes);
+    labelled("near_cache_races_total", near.races);
+    labelled("near_cache_evictions_total", near.evictions);
+    metrics::gauge!("near_cache_entries", "cache" => "sessions").set(near.entries as f64);
     metrics::gauge!("redis_breaker_open").set(f64::from(u8::from(
         client.breaker != rediskit::BreakerState::Closed,
     )));

@@ -15,6 +15,7 @@ use crate::client::Client;
 use crate::codec::{Codec, DecodeError};
 use crate::error::{Error, Result};
 use crate::keys;
+use crate::near::{self, NearCacheConfig, NearStats, NearStore};
 
 /// Named TTL tiers of the original module.
 pub mod ttl {
@@ -81,6 +82,9 @@ pub struct CacheStats {
     /// Values `get_or_set` returned stale ([`CacheStatus::Stale`]) while a refresh ran; each
     /// is also one of the `hits`.
     pub stale_hits: u64,
+    /// The near-cache's counters (all zero unless built with
+    /// [`CacheBuilder::near_cache`]). Its hits are also counted in `hits`.
+    pub near: NearStats,
 }
 
 /// A typed, namespaced cache of serde values.
@@ -122,6 +126,12 @@ pub struct CacheStats {
 ///   TTL + W the key is gone: the next call is an ordinary miss. Plain reads
 ///   ([`get`](Cache::get), [`get_many`](Cache::get_many), [`exists`](Cache::exists)) know nothing
 ///   of freshness: they return a value as long as it is stored.
+/// - **Near-cache, if asked for.** A cache built with [`CacheBuilder::near_cache`] also keeps
+///   the values it reads in this process and serves them without a round trip until Redis says
+///   their key changed (any client's write, delete, expiry or `FLUSHALL`), the entry reaches its
+///   maximum age or the key's TTL, or the invalidation connection is lost (then everything is
+///   dropped and reads go to Redis until it is back). This handle's own writes drop the entry
+///   at once. See the `near` module's docs and `docs/decisions/0004-near-cache.md`.
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<CacheInner>,
@@ -144,6 +154,8 @@ struct CacheInner {
     next_flight: AtomicU64,
     counters: Counters,
     last_warning: AtomicU64,
+    /// The near-cache, when opted in and the backend has one.
+    near: Option<Arc<NearStore>>,
 }
 
 #[derive(Default)]
@@ -174,6 +186,7 @@ impl std::fmt::Debug for Cache {
             .field("namespace", &self.inner.namespace)
             .field("default_ttl", &self.inner.default_ttl)
             .field("stale_window", &self.inner.stale_window)
+            .field("near_cache", &self.inner.near.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +200,7 @@ pub struct CacheBuilder {
     codec: Codec,
     lease_ttl: Duration,
     stale_window: Duration,
+    near: Option<NearCacheConfig>,
 }
 
 /// How long a process computing a cold key holds its lease: others wait for its value up to this
@@ -237,6 +251,16 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps the values this cache reads in process memory too (a near-cache, or L1), served
+    /// without a round trip until Redis reports their key changed; see [`NearCacheConfig`] and
+    /// the [`Cache`] docs. Hot keys read far more often than written gain most. Each cache
+    /// handle built with it has a near-cache of its own (clones share it); on the embedded
+    /// `memory://` backend it changes nothing. Default: off.
+    pub fn near_cache(mut self, config: NearCacheConfig) -> Self {
+        self.near = Some(config);
+        self
+    }
+
     /// Validates the settings and builds the cache.
     pub fn build(self) -> Result<Cache> {
         keys::check_namespace(&self.namespace).map_err(Error::invalid)?;
@@ -248,7 +272,13 @@ impl CacheBuilder {
                 self.stale_window
             )));
         }
+        if let Some(config) = &self.near {
+            config.validate()?;
+        }
         let prefix = format!("{}cache:{}:", self.client.key_prefix(), self.namespace);
+        let near = self
+            .near
+            .and_then(|config| near::store_for(&self.client, prefix.clone(), config));
         let lease_prefix = format!("{}lease:{}:", self.client.key_prefix(), self.namespace);
         Ok(Cache {
             inner: Arc::new(CacheInner {
@@ -264,6 +294,7 @@ impl CacheBuilder {
                 next_flight: AtomicU64::new(0),
                 counters: Counters::default(),
                 last_warning: AtomicU64::new(0),
+                near,
             }),
         })
     }
@@ -296,6 +327,7 @@ impl Cache {
             codec: Codec::default(),
             lease_ttl: DEFAULT_LEASE_TTL,
             stale_window: Duration::ZERO,
+            near: None,
         }
     }
 
@@ -321,6 +353,7 @@ impl Cache {
             sets: c.sets.load(Ordering::Relaxed),
             computations: c.computations.load(Ordering::Relaxed),
             stale_hits: c.stale_hits.load(Ordering::Relaxed),
+            near: near::stats_of(self.inner.near.as_ref()),
         }
     }
 
@@ -365,7 +398,14 @@ impl Cache {
     /// Deletes `key`; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool> {
         let redis_key = self.redis_key(key)?;
-        Ok(self.counted(self.inner.client.del(&[redis_key]).await)? > 0)
+        self.forget(&redis_key);
+        let deleted = self
+            .inner
+            .client
+            .del(std::slice::from_ref(&redis_key))
+            .await;
+        self.forget(&redis_key);
+        Ok(self.counted(deleted)? > 0)
     }
 
     /// True if `key` holds a live value (whether or not it decodes).
@@ -392,6 +432,9 @@ impl Cache {
             .iter()
             .map(|key| self.redis_key(key.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(near) = &self.inner.near {
+            return self.get_many_near(near, redis_keys).await;
+        }
         let Some(values) = self.soft(self.inner.client.mget(&redis_keys).await)? else {
             return Ok(keys.iter().map(|_| None).collect());
         };
@@ -421,7 +464,14 @@ impl Cache {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        self.counted(self.inner.client.mset(&encoded, self.stored_ttl(ttl)).await)?;
+        for (redis_key, _) in &encoded {
+            self.forget(redis_key);
+        }
+        let written = self.inner.client.mset(&encoded, self.stored_ttl(ttl)).await;
+        for (redis_key, _) in &encoded {
+            self.forget(redis_key);
+        }
+        self.counted(written)?;
         self.inner
             .counters
             .sets
@@ -844,9 +894,133 @@ impl Cache {
     }
 
     /// GET and decode, counting hits and misses; errors are returned for the caller to soften.
+    /// With a near-cache: from memory when held, else from Redis and then kept.
     async fn read<T: DeserializeOwned>(&self, redis_key: &str) -> Result<Option<T>> {
-        let bytes = self.inner.client.get(redis_key).await?;
-        Ok(self.decode_counted(redis_key, bytes).await)
+        let Some(near) = &self.inner.near else {
+            let bytes = self.inner.client.get(redis_key).await?;
+            return Ok(self.decode_counted(redis_key, bytes).await);
+        };
+        if let Some(value) = self.near_hit(near, redis_key)? {
+            return Ok(Some(value));
+        }
+        // The ticket comes before the GET is sent: see `near` on the race it closes.
+        let Some(ticket) = near.ticket(redis_key) else {
+            let bytes = self.inner.client.get(redis_key).await?;
+            return Ok(self.decode_counted(redis_key, bytes).await);
+        };
+        let (bytes, ttl) = self.get_with_ttl(redis_key).await?;
+        let value = self.decode_counted(redis_key, bytes.clone()).await;
+        if let (Some(_), Some(bytes)) = (&value, &bytes) {
+            near.insert(ticket, redis_key, "", bytes, ttl);
+        }
+        Ok(value)
+    }
+
+    /// The value held in the near-cache, decoded; a closed client is refused as without one.
+    fn near_hit<T: DeserializeOwned>(
+        &self,
+        near: &NearStore,
+        redis_key: &str,
+    ) -> Result<Option<T>> {
+        if self.inner.client.is_closed() {
+            return Err(Error::closed());
+        }
+        let Some(bytes) = near.get(redis_key, "") else {
+            return Ok(None);
+        };
+        match self.inner.codec.decode(&bytes) {
+            Ok(value) => {
+                self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(value))
+            }
+            // Held bytes always decoded once: this caller asks for another type. Let Redis's
+            // copy decide, as without a near-cache.
+            Err(_) => {
+                near.invalidate(redis_key, false);
+                Ok(None)
+            }
+        }
+    }
+
+    /// `GET` and `PTTL` in one round trip: the value, and how long it may be kept.
+    async fn get_with_ttl(&self, redis_key: &str) -> Result<(Option<Vec<u8>>, Option<Duration>)> {
+        Ok(match self.inner.client.get_with_ttl(redis_key).await? {
+            Some((bytes, ttl)) => (Some(bytes), ttl),
+            None => (None, None),
+        })
+    }
+
+    /// `get_many` with a near-cache: held keys from memory, the rest in one round trip (`MGET`
+    /// and their `PTTL`s), then kept.
+    async fn get_many_near<T: DeserializeOwned>(
+        &self,
+        near: &NearStore,
+        redis_keys: Vec<String>,
+    ) -> Result<Vec<Option<T>>> {
+        if self.inner.client.is_closed() {
+            // Fail soft, as `mget` does on a closed client.
+            self.soft::<()>(Err(Error::closed()))?;
+            return Ok(redis_keys.iter().map(|_| None).collect());
+        }
+        let mut out: Vec<Option<T>> = Vec::with_capacity(redis_keys.len());
+        let mut missing = Vec::new();
+        for (index, redis_key) in redis_keys.iter().enumerate() {
+            let held = self.near_hit(near, redis_key)?;
+            if held.is_none() {
+                missing.push((index, near.ticket(redis_key)));
+            }
+            out.push(held);
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let fetched: Option<(Vec<Option<Vec<u8>>>, Ttls)> = self.soft(
+            self.inner
+                .client
+                .run("MGET PTTL", |mut c| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("MGET");
+                    for (index, _) in &missing {
+                        pipe.arg(&redis_keys[*index]);
+                    }
+                    for (index, _) in &missing {
+                        pipe.cmd("PTTL").arg(&redis_keys[*index]);
+                    }
+                    async move {
+                        let mut reply: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                        let values = redis::from_redis_value(reply.remove(0))?;
+                        let ttls = reply
+                            .into_iter()
+                            .map(|ttl| {
+                                redis::from_redis_value::<i64>(ttl).map_err(redis::RedisError::from)
+                            })
+                            .collect::<redis::RedisResult<Vec<i64>>>()?;
+                        Ok((values, ttls))
+                    }
+                })
+                .await,
+        )?;
+        let Some((values, ttls)) = fetched else {
+            return Ok(out);
+        };
+        for (((index, ticket), bytes), ms) in missing.into_iter().zip(values).zip(ttls) {
+            let redis_key = &redis_keys[index];
+            let value = self.decode_counted(redis_key, bytes.clone()).await;
+            if let (Some(_), Some(ticket), Some(bytes)) = (&value, ticket, &bytes) {
+                let ttl = (ms >= 0).then(|| Duration::from_millis(ms as u64));
+                near.insert(ticket, redis_key, "", bytes, ttl);
+            }
+            out[index] = value;
+        }
+        Ok(out)
+    }
+
+    /// Drops `redis_key` from the near-cache (if any): called before a write is sent, so no read
+    /// under way keeps the old value, and after its reply, so none that read it in between does.
+    fn forget(&self, redis_key: &str) {
+        if let Some(near) = &self.inner.near {
+            near.invalidate(redis_key, false);
+        }
     }
 
     async fn decode_counted<T: DeserializeOwned>(
@@ -886,8 +1060,14 @@ impl Cache {
 
     /// Stores `bytes` for `ttl` plus the stale window.
     async fn write(&self, redis_key: &str, bytes: &[u8], ttl: Duration) -> Result<()> {
-        let stored = self.stored_ttl(ttl);
-        self.counted(self.inner.client.set(redis_key, bytes, stored).await)?;
+        self.forget(redis_key);
+        let written = self
+            .inner
+            .client
+            .set(redis_key, bytes, self.stored_ttl(ttl))
+            .await;
+        self.forget(redis_key);
+        self.counted(written)?;
         self.inner.counters.sets.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -959,6 +1139,8 @@ enum TryLease {
     /// Redis did not answer.
     Unavailable,
 }
+/// `PTTL` replies, in milliseconds (-1: no expiry, -2: no key).
+type Ttls = Vec<i64>;
 
 /// The outcome of [`Cache::take_lease`]: ours to compute (with the lease to release, if one was
 /// taken), or the value another process computed while we waited.

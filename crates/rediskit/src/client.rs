@@ -155,6 +155,9 @@ struct Inner {
     /// A recovery task is pinging the pool while the circuit is open.
     recovering: AtomicBool,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The near-cache's tracking (see `near`), started by the first near-cache built on this
+    /// handle; `Some(None)` where there can be none (the embedded backend).
+    near: std::sync::OnceLock<Option<Arc<crate::near::Tracker>>>,
 }
 
 /// Upper bounds of the command-latency histogram buckets, in microseconds.
@@ -369,6 +372,7 @@ impl Client {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             recovering: AtomicBool::new(false),
             health_task: std::sync::Mutex::new(None),
+            near: std::sync::OnceLock::new(),
             config,
         });
         if kind == BackendKind::Memory {
@@ -440,12 +444,20 @@ impl Client {
         {
             task.abort();
         }
+        if let Some(Some(tracker)) = self.inner.near.get() {
+            tracker.stop();
+        }
         let deadline = Instant::now() + self.inner.config.command_timeout;
         while self.inner.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         self.inner.redis.store(None);
         tracing::debug!("rediskit client closed");
+    }
+
+    /// The slot of the near-cache tracker, which `near` fills on first use.
+    pub(crate) fn near_tracker(&self) -> &std::sync::OnceLock<Option<Arc<crate::near::Tracker>>> {
+        &self.inner.near
     }
 
     /// True once [`Client::close`] was called.

@@ -55,6 +55,8 @@
 //!   and an optional stale-while-revalidate window.
 //! - `tokens` — [`Sessions`]: refresh-token sessions with rotation, reuse detection, revocation.
 //! - `ratelimit` — [`RateLimiter`]: GCRA in one atomic script, with a failure policy.
+//! - `near` — the near-cache (L1): values in process memory, invalidated by Redis (RESP3
+//!   client-side caching); opt-in per cache namespace ([`NearCacheConfig`]) and for sessions.
 //! - `memory` — the embedded `memory://` backend.
 //! - `scripts` — server-side Lua, run by SHA.
 //! - [`web`] (feature `axum`) — access tokens, the authenticated-session extractor, health router,
@@ -71,6 +73,7 @@ mod error;
 pub mod fuzzing;
 mod keys;
 mod memory;
+mod near;
 #[cfg(test)]
 mod proptests;
 mod ratelimit;
@@ -97,6 +100,11 @@ pub use config::{Config, ConfigBuilder, Environment, Secret, redact_url};
 pub use error::{Error, ErrorKind, Result};
 #[doc(inline)]
 pub use keys::{MAX_KEY_LEN, MAX_NAME_LEN};
+#[doc(inline)]
+pub use near::{
+    DEFAULT_NEAR_CAPACITY, DEFAULT_NEAR_MAX_AGE, DEFAULT_NEAR_MAX_BYTES, NearCacheConfig,
+    NearStats, PING_INTERVAL, TRACKING_CONNECTION_NAME, TRACKING_LEASE,
+};
 #[doc(inline)]
 pub use ratelimit::{Decision, FailurePolicy, Quota, RateLimitStats, RateLimiter};
 #[doc(inline)]

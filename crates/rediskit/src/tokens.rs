@@ -43,6 +43,7 @@ use crate::client::Client;
 use crate::config::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys;
+use crate::near::{self, NearCacheConfig, NearStats, NearStore};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -137,6 +138,9 @@ pub struct SessionStats {
     pub revoked: u64,
     /// Reused tokens detected (each revoked its session).
     pub reuse_detected: u64,
+    /// The near-cache of [`Sessions::session`] (all zero unless built with
+    /// [`SessionsBuilder::near_cache`]).
+    pub near: NearStats,
 }
 
 /// Refresh-token sessions over a [`Client`]. Cloning is cheap (an [`Arc`]).
@@ -150,6 +154,11 @@ pub struct SessionStats {
 ///   returned; 100 concurrent rotations of one token produce exactly one new token (grace 0).
 /// - **No secret at rest.** Redis holds a keyed hash of each token's random part, nothing that
 ///   lets one rebuild a token.
+/// - **Near-cache, if asked for.** Built with [`SessionsBuilder::near_cache`], the answers of
+///   [`session`](Sessions::session) — the per-request "is this session live" check — are kept
+///   in process memory until Redis reports any write to the user's hash (a create, rotation,
+///   revocation or logout-all, from any process), the entry's maximum age, or the session's own
+///   end; with the invalidation connection lost, every check goes to Redis until it is back.
 #[derive(Clone)]
 pub struct Sessions {
     inner: Arc<Inner>,
@@ -168,6 +177,7 @@ struct Inner {
     rotated: AtomicU64,
     revoked: AtomicU64,
     reuse_detected: AtomicU64,
+    near: Option<Arc<NearStore>>,
 }
 
 impl fmt::Debug for Sessions {
@@ -177,6 +187,7 @@ impl fmt::Debug for Sessions {
             .field("grace", &self.inner.grace)
             .field("max_sessions", &self.inner.max_sessions)
             .field("inactivity", &self.inner.inactivity)
+            .field("near_cache", &self.inner.near.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -191,6 +202,7 @@ pub struct SessionsBuilder {
     max_sessions: usize,
     inactivity: Option<Duration>,
     replicas: Option<(u32, Duration)>,
+    near: Option<NearCacheConfig>,
 }
 
 impl SessionsBuilder {
@@ -233,6 +245,14 @@ impl SessionsBuilder {
         self
     }
 
+    /// Keeps the answers of [`Sessions::session`] in process memory, invalidated by Redis as
+    /// soon as anything writes the user's sessions (see [`NearCacheConfig`] and the
+    /// [`Sessions`] docs). Does nothing on the embedded `memory://` backend. Default: off.
+    pub fn near_cache(mut self, config: NearCacheConfig) -> Self {
+        self.near = Some(config);
+        self
+    }
+
     /// Validates and builds.
     pub fn build(self) -> Result<Sessions> {
         if self.secret.expose().len() < MIN_SECRET_LEN {
@@ -260,6 +280,14 @@ impl SessionsBuilder {
                 )));
             }
         }
+        if let Some(config) = &self.near {
+            config.validate()?;
+        }
+        // Every user's hash starts with this, and only theirs: `{prefix}s:{<user>}`.
+        let prefix = format!("{}s:{{", self.client.key_prefix());
+        let near = self
+            .near
+            .and_then(|config| near::store_for(&self.client, prefix, config));
         Ok(Sessions {
             inner: Arc::new(Inner {
                 keys: TokenKeys::derive(self.secret.expose().as_bytes()),
@@ -273,6 +301,7 @@ impl SessionsBuilder {
                 rotated: AtomicU64::new(0),
                 revoked: AtomicU64::new(0),
                 reuse_detected: AtomicU64::new(0),
+                near,
             }),
         })
     }
@@ -310,6 +339,7 @@ impl Sessions {
             max_sessions: DEFAULT_MAX_SESSIONS,
             inactivity: None,
             replicas: None,
+            near: None,
         }
     }
 
@@ -321,6 +351,7 @@ impl Sessions {
             rotated: i.rotated.load(Ordering::Relaxed),
             revoked: i.revoked.load(Ordering::Relaxed),
             reuse_detected: i.reuse_detected.load(Ordering::Relaxed),
+            near: near::stats_of(i.near.as_ref()),
         }
     }
 
@@ -385,6 +416,7 @@ impl Sessions {
         let (now, expires, evicted) = match self.inner.client.memory()? {
             Some(memory) => memory.update_hash(&key, |map| engine::create(map, &args, unix_now())),
             None => {
+                let _forget = self.forget(&key);
                 let reply: (u32, u32, u32) = self
                     .inner
                     .client
@@ -490,6 +522,7 @@ impl Sessions {
         let reply = match self.inner.client.memory()? {
             Some(memory) => memory.update_hash(&key, |map| engine::rotate(map, &args, unix_now())),
             None => {
+                let _forget = self.forget(&key);
                 let raw: redis::Value = self
                     .inner
                     .client
@@ -556,11 +589,47 @@ impl Sessions {
         }
         let now = unix_now();
         let idle = self.idle_secs();
-        Ok(self
-            .field(&key, session_id)
-            .await?
+        let record = match &self.inner.near {
+            Some(near) => self.near_field(near, &key, session_id).await?,
+            None => self.field(&key, session_id).await?,
+        };
+        Ok(record
             .filter(|record| record.ends(idle) > now)
             .map(|record| record.into_session(user, session_id)))
+    }
+
+    /// [`field`](Self::field) through the near-cache: held records from memory, others read
+    /// and kept until the session would end (or the near-cache's max age).
+    async fn near_field(&self, near: &NearStore, key: &str, sid: &str) -> Result<Option<Record>> {
+        if self.inner.client.is_closed() {
+            return Err(Error::closed());
+        }
+        if let Some(record) = near.get(key, sid).as_deref().and_then(Record::decode) {
+            return Ok(Some(record));
+        }
+        // The ticket comes before the read is sent: see `near` on the race it closes.
+        let ticket = near.ticket(key);
+        let bytes = self.field_bytes(key, sid).await?;
+        let record = bytes.as_deref().and_then(Record::decode);
+        if let (Some(ticket), Some(bytes), Some(record)) = (ticket, &bytes, &record) {
+            let left = record.ends(self.idle_secs()).saturating_sub(unix_now());
+            if left > 0 {
+                let ttl = Duration::from_secs(u64::from(left));
+                near.insert(ticket, key, sid, bytes, Some(ttl));
+            }
+        }
+        Ok(record)
+    }
+
+    /// Drops the user's hash from the near-cache now and again when the returned guard goes
+    /// (after the write's reply, or if the write is cancelled), so that no read under way or
+    /// in between keeps the state from before the write.
+    fn forget(&self, key: &str) -> Forget<'_> {
+        let near = self.inner.near.as_deref().map(|near| {
+            near.invalidate(key, false);
+            (near, key.to_owned())
+        });
+        Forget(near)
     }
 
     /// The user's live sessions, oldest first. Ended ones are never listed.
@@ -602,6 +671,7 @@ impl Sessions {
                 memory.update_hash(key, |map| engine::revoke(map, session_id, idle, unix_now()))
             }
             None => {
+                let _forget = self.forget(key);
                 self.inner
                     .client
                     .run("EVALSHA session_revoke", |mut c| async move {
@@ -617,10 +687,8 @@ impl Sessions {
             }
         };
         if revoked {
-            self.wait_for_replicas(key).await?;
-        }
-        if revoked {
             self.inner.revoked.fetch_add(1, Ordering::Relaxed);
+            self.wait_for_replicas(key).await?;
         }
         Ok(revoked)
     }
@@ -638,6 +706,7 @@ impl Sessions {
                 (live.len() as u64, None)
             }),
             None => {
+                let _forget = self.forget(key);
                 self.inner
                     .client
                     .run("EVALSHA session_revoke_all", |mut c| async move {
@@ -695,6 +764,11 @@ impl Sessions {
     }
 
     async fn field(&self, key: &str, sid: &str) -> Result<Option<Record>> {
+        let bytes = self.field_bytes(key, sid).await?;
+        Ok(bytes.as_deref().and_then(Record::decode))
+    }
+
+    async fn field_bytes(&self, key: &str, sid: &str) -> Result<Option<Vec<u8>>> {
         let bytes: Option<Vec<u8>> = match self.inner.client.memory()? {
             Some(memory) => memory.hash_field(key, sid),
             None => {
@@ -710,7 +784,18 @@ impl Sessions {
                     .await?
             }
         };
-        Ok(bytes.as_deref().and_then(Record::decode))
+        Ok(bytes)
+    }
+}
+
+/// See [`Sessions::forget`].
+struct Forget<'a>(Option<(&'a NearStore, String)>);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some((near, key)) = &self.0 {
+            near.invalidate(key, false);
+        }
     }
 }
 

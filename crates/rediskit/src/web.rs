@@ -304,7 +304,10 @@ impl Auth {
     }
 
     /// Verifies a bearer token and checks that its session is live — the check every protected
-    /// request makes. This is the one place a near-cache of session liveness plugs in.
+    /// request makes. With [`Sessions`] built with
+    /// [`near_cache`](crate::SessionsBuilder::near_cache), the liveness answer comes from process
+    /// memory until Redis reports a write to the user's sessions (from any instance), so a
+    /// logout still ends access at once.
     pub async fn authenticate(&self, token: &str) -> Result<Claims> {
         let claims = self.tokens.verify(token)?;
         match self.sessions.session(&claims.sub, &claims.sid).await? {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use rediskit::{Cache, CacheStatus, Client, ErrorKind, Lookup, ttl};
+use rediskit::{BackendKind, Cache, CacheStatus, Client, ErrorKind, Lookup, NearCacheConfig, ttl};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -55,6 +55,7 @@ conformance!(
     burst_of_500_tasks_all_succeed,
     closed_client_refuses_calls,
     health_reports_the_backend,
+    near_cache_namespace_keeps_the_contract,
 );
 
 /// A typed value written with `set` reads back equal, for structs, strings and numbers.
@@ -883,5 +884,107 @@ async fn zero_stale_window_changes_nothing(client: &Client) {
         windowed.get::<Profile>("k").await.unwrap(),
         Some(profile(1)),
         "a value written by `set` is kept for the window too"
+    );
+}
+
+/// A namespace with the near-cache on keeps the whole contract — reads after writes, deletes,
+/// batches, expiry, `get_or_set`, wrong types, a closed client — whether its reads come from
+/// memory (Redis, once tracking is live) or not (`memory://`, where it changes nothing).
+async fn near_cache_namespace_keeps_the_contract(client: &Client) {
+    let cache = Cache::builder(client)
+        .namespace("near")
+        .near_cache(NearCacheConfig::default())
+        .build()
+        .unwrap();
+    cache.set("warm", "w").await.unwrap();
+    if client.backend() == BackendKind::Redis {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cache.stats().near.hits == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "near-cache never served"
+            );
+            cache.get::<String>("warm").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    cache.set("user:1", &profile(1)).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            cache.get::<Profile>("user:1").await.unwrap(),
+            Some(profile(1))
+        );
+    }
+    cache.set("user:1", &profile(2)).await.unwrap();
+    assert_eq!(
+        cache.get::<Profile>("user:1").await.unwrap(),
+        Some(profile(2))
+    );
+    assert!(cache.delete("user:1").await.unwrap());
+    assert_eq!(cache.get::<Profile>("user:1").await.unwrap(), None);
+
+    cache
+        .set_many(&[("a", 1), ("b", 2)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            cache.get_many::<i32>(&["a", "x", "b"]).await.unwrap(),
+            vec![Some(1), None, Some(2)]
+        );
+    }
+    cache
+        .set_many(&[("a", 10)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<i32>("a").await.unwrap(), Some(10));
+
+    cache
+        .set_with_ttl("brief", &1, Duration::from_millis(150))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<i32>("brief").await.unwrap(), Some(1));
+    assert_eq!(cache.get::<i32>("brief").await.unwrap(), Some(1));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(cache.get::<i32>("brief").await.unwrap(), None);
+
+    let computed = cache
+        .get_or_set("gos", ttl::SHORT, || async { 7 })
+        .await
+        .unwrap();
+    assert_eq!(computed, 7);
+    let again = cache
+        .try_get_or_set::<i32, rediskit::Error, _, _>("gos", ttl::SHORT, || async { Ok(8) })
+        .await
+        .unwrap();
+    assert_eq!((again.value, again.status), (7, CacheStatus::Hit));
+
+    cache.set("typed", "text").await.unwrap();
+    assert_eq!(
+        cache.get::<String>("typed").await.unwrap().as_deref(),
+        Some("text")
+    );
+    assert_eq!(
+        cache.get::<u32>("typed").await.unwrap(),
+        None,
+        "another type is a miss"
+    );
+    assert_eq!(
+        cache.get::<String>("typed").await.unwrap(),
+        None,
+        "and was deleted"
+    );
+
+    client.close().await;
+    assert_eq!(
+        cache.try_get::<String>("warm").await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    assert_eq!(cache.get::<String>("warm").await.unwrap(), None);
+    assert_eq!(
+        cache.get_many::<String>(&["warm"]).await.unwrap(),
+        vec![None],
+        "get_many stays soft"
     );
 }

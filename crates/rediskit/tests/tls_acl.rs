@@ -549,3 +549,74 @@ async fn users_acl_file_line_is_accepted() {
     assert_eq!(cache.try_get::<i32>("k").await.unwrap(), Some(1));
     client.load_scripts().await.unwrap();
 }
+
+/// The near-cache's tracking connection goes over TLS as the ACL user too: with the documented
+/// optional `+client|tracking` it serves from memory and another client's write reaches it
+/// within 100 ms; with the plain rule it stays off and every read goes to Redis, still correct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_over_tls_needs_only_the_optional_tracking_grant() {
+    assert!(
+        ACL_DOC.contains("`+client|tracking`"),
+        "the optional grant is documented"
+    );
+    let server = TlsRedisServer::start();
+    set_user(
+        &server,
+        "rediskit",
+        &format!("{PERMISSIONS} +client|tracking"),
+    );
+    set_user(&server, "plain", PERMISSIONS);
+    let near = rediskit::NearCacheConfig::default();
+
+    let client = Client::connect(from_vars(&acl_vars(&server, "rediskit")).unwrap())
+        .await
+        .unwrap();
+    let writer = Client::connect(from_vars(&acl_vars(&server, "rediskit")).unwrap())
+        .await
+        .unwrap();
+    let held = Cache::builder(&client)
+        .namespace("tls")
+        .near_cache(near)
+        .build()
+        .unwrap();
+    let other = Cache::builder(&writer).namespace("tls").build().unwrap();
+    other.set("k", "v1").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.stats().near.hits < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the near-cache never served over TLS"
+        );
+        assert_eq!(
+            held.get::<String>("k").await.unwrap().as_deref(),
+            Some("v1")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.set("k", "v2").await.unwrap();
+    let written = Instant::now();
+    while held.get::<String>("k").await.unwrap().as_deref() != Some("v2") {
+        assert!(
+            written.elapsed() < Duration::from_millis(100),
+            "stale over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    let plain = Client::connect(from_vars(&acl_vars(&server, "plain")).unwrap())
+        .await
+        .unwrap();
+    let refused = Cache::builder(&plain)
+        .namespace("tls")
+        .near_cache(near)
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            refused.get::<String>("k").await.unwrap().as_deref(),
+            Some("v2")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused.stats().near.hits, 0);
+}

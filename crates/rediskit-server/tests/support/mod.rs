@@ -45,6 +45,7 @@ const SCRUBBED: &[&str] = &[
     "RATE_LIMIT_LOGIN_PER_MIN",
     "RATE_LIMIT_AUTH_PER_MIN",
     "TRUST_FORWARDED_FOR",
+    "NEAR_CACHE_SESSIONS",
     "RUST_LOG",
 ];
 

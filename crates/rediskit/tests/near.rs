@@ -1,0 +1,399 @@
+//! The near-cache against real redis-servers: hits come from memory, other clients' writes and
+//! deletes reach it within 100 ms, `FLUSHALL` and a lost tracking connection empty it, entries
+//! age out, and a reply that races an invalidation is not kept.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use rediskit::{Cache, Client, NearCacheConfig, Sessions, TRACKING_CONNECTION_NAME};
+use rediskit_testkit::RedisServer;
+use rediskit_testkit::proxy::FaultProxy;
+
+const SECRET: &str = "near-cache-tests-secret-0123456789abcdef";
+
+/// How soon another client's write must reach the near-cache.
+const BOUND: Duration = Duration::from_millis(100);
+
+async fn client(url: &str) -> Client {
+    Client::connect(common::config(url)).await.unwrap()
+}
+
+fn near(client: &Client, config: NearCacheConfig) -> Cache {
+    Cache::builder(client)
+        .namespace("hot")
+        .near_cache(config)
+        .build()
+        .unwrap()
+}
+
+/// Reads `key` until reads are served from memory: the tracking connection is up, the prefix
+/// tracked, and the invalidation of the test's own last write (which comes back too) has passed
+/// — two reads 20 ms apart are hits. Panics after 5 s.
+async fn until_near_hit(cache: &Cache, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut streak = 0;
+    while streak < 2 {
+        assert!(Instant::now() < deadline, "the near-cache never served");
+        let before = cache.stats().near.hits;
+        let _ = cache.get::<String>(key).await.unwrap();
+        streak = if cache.stats().near.hits > before {
+            streak + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cache.get(key)` until it answers `expected`; returns how long that took. Panics after
+/// `within`, showing what it still answered.
+async fn until_value(
+    cache: &Cache,
+    key: &str,
+    expected: Option<&str>,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let value = cache.get::<String>(key).await.unwrap();
+        if value.as_deref() == expected {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "after {within:?} the near-cache still answers {value:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn tracking_connection_id(server: &RedisServer) -> u64 {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut server.admin())
+        .unwrap();
+    let line = list
+        .lines()
+        .find(|line| line.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")))
+        .unwrap_or_else(|| panic!("no tracking connection in CLIENT LIST:\n{list}"));
+    assert!(line.contains("flags=t"), "not tracking: {line}");
+    line.split(' ')
+        .find_map(|field| field.strip_prefix("id="))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A value read once is then served from memory: further reads send no command to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_are_served_without_redis() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+
+    let commands = a.stats().commands;
+    let hits = cache.stats().near.hits;
+    for _ in 0..100 {
+        assert_eq!(
+            cache.get::<String>("k").await.unwrap().as_deref(),
+            Some("v1")
+        );
+    }
+    let many: Vec<Option<String>> = cache.get_many(&["k", "k"]).await.unwrap();
+    assert_eq!(many, [Some("v1".to_owned()), Some("v1".to_owned())]);
+
+    assert_eq!(a.stats().commands, commands, "a near hit sent a command");
+    assert_eq!(cache.stats().near.hits, hits + 102);
+    assert_eq!(cache.stats().near.entries, 1);
+}
+
+/// Another client's `set` and `delete` of a held key reach the near-cache within 100 ms, and
+/// the new value is then held in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_clients_writes_invalidate_within_100ms() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let b = client(&server.url()).await;
+    let held = near(&a, NearCacheConfig::default());
+    let other = Cache::builder(&b).namespace("hot").build().unwrap();
+    other.set("k", "v1").await.unwrap();
+    until_near_hit(&held, "k").await;
+
+    other.set("k", "v2").await.unwrap();
+    let took = until_value(&held, "k", Some("v2"), BOUND).await;
+    eprintln!("write reached the near-cache after {took:?}");
+    until_near_hit(&held, "k").await;
+
+    assert!(other.delete("k").await.unwrap());
+    until_value(&held, "k", None, BOUND).await;
+    assert!(held.stats().near.invalidations >= 2);
+}
+
+/// This handle's own writes and deletes are read back at once, even while the invalidation
+/// Redis sends for them is held up on the way (a black-holed tracking connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_writes_are_read_back_at_once() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::for_server(&server);
+    let a = client(&server.url()).await;
+    a.set_near_cache_target(&proxy.url()).unwrap();
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+
+    proxy.black_hole();
+    cache.set("k", "v2").await.unwrap();
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("v2")
+    );
+    cache
+        .set_many(&[("k", "v3")], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("v3")
+    );
+    assert!(cache.delete("k").await.unwrap());
+    assert_eq!(cache.get::<String>("k").await.unwrap(), None);
+    proxy.pass();
+}
+
+/// `FLUSHALL` (a null invalidation) empties the near-cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_empties_the_near_cache() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+
+    let _: () = redis::cmd("FLUSHALL").query(&mut server.admin()).unwrap();
+
+    until_value(&cache, "k", None, BOUND).await;
+    assert_eq!(cache.stats().near.flushes, 1);
+}
+
+/// When the tracking connection is killed the near-cache is emptied, so a write made while it
+/// is gone (whose invalidation nobody receives) is never hidden by an old value; tracking comes
+/// back by itself and invalidates again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_tracking_connection_flushes_and_recovers() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let b = client(&server.url()).await;
+    let held = near(&a, NearCacheConfig::default());
+    let other = Cache::builder(&b).namespace("hot").build().unwrap();
+    other.set("k", "v1").await.unwrap();
+    until_near_hit(&held, "k").await;
+
+    let id = tracking_connection_id(&server);
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut server.admin())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while held.stats().near.flushes == 0 {
+        assert!(Instant::now() < deadline, "the loss was not noticed");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    other.set("k", "v2").await.unwrap();
+
+    assert_eq!(
+        held.get::<String>("k").await.unwrap().as_deref(),
+        Some("v2")
+    );
+    until_near_hit(&held, "k").await;
+    assert_ne!(
+        tracking_connection_id(&server),
+        id,
+        "a new connection tracks"
+    );
+    other.set("k", "v3").await.unwrap();
+    until_value(&held, "k", Some("v3"), BOUND).await;
+}
+
+/// A Redis that stops answering without closing the connection (paused) stops the near-cache
+/// from serving within the tracking lease: reads go to Redis and fail as unavailable, as they
+/// would without a near-cache, instead of answering from memory what nobody can invalidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_stops_the_near_cache_within_the_lease() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+
+    server.signal("STOP");
+    tokio::time::sleep(rediskit::TRACKING_LEASE + Duration::from_millis(100)).await;
+    let read = cache.try_get::<String>("k").await;
+    server.signal("CONT");
+
+    let err = read.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    until_near_hit(&cache, "k").await;
+}
+
+/// An entry is served for at most the max age, however quiet its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_expire_after_the_max_age() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let config = NearCacheConfig::default().max_age(Duration::from_millis(300));
+    let cache = near(&a, config);
+    cache.set("k", "v1").await.unwrap();
+    until_near_hit(&cache, "k").await;
+    let hits = cache.stats().near.hits;
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("v1")
+    );
+
+    assert_eq!(cache.stats().near.hits, hits, "served past its max age");
+}
+
+/// An entry never outlives its key's TTL in Redis, even when Redis is slow to delete the key
+/// (active expiry off, so no invalidation comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_never_outlive_the_redis_ttl() {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let _: () = redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query(&mut server.admin())
+        .unwrap();
+    let a = client(&server.url()).await;
+    let cache = near(&a, NearCacheConfig::default());
+    cache.set("warm", "w").await.unwrap();
+    until_near_hit(&cache, "warm").await;
+    let invalidations = cache.stats().near.invalidations;
+    cache
+        .set_with_ttl("brief", "v", Duration::from_millis(300))
+        .await
+        .unwrap();
+    // Our own write's invalidation comes back too; once it has, a read is kept.
+    while cache.stats().near.invalidations == invalidations {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        cache.get::<String>("brief").await.unwrap().as_deref(),
+        Some("v")
+    );
+    let hits = cache.stats().near.hits;
+    assert_eq!(
+        cache.get::<String>("brief").await.unwrap().as_deref(),
+        Some("v")
+    );
+    assert_eq!(cache.stats().near.hits, hits + 1, "held");
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    assert_eq!(cache.get::<String>("brief").await.unwrap(), None);
+}
+
+/// The race of client-side caching, end to end: a `GET` whose reply is slow (a proxy delays the
+/// pool's replies by 200 ms) while another client writes the key and the invalidation arrives
+/// first (tracking is direct) returns the old value — but does not keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_overtaken_by_its_invalidation_is_not_kept() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::for_server(&server);
+    let a = client(&proxy.url()).await;
+    a.set_near_cache_target(&server.url()).unwrap();
+    let b = client(&server.url()).await;
+    let held = near(&a, NearCacheConfig::default());
+    let other = Cache::builder(&b).namespace("hot").build().unwrap();
+    other.set("warm", "w").await.unwrap();
+    until_near_hit(&held, "warm").await;
+    other.set("k", "v1").await.unwrap();
+
+    proxy.latency(Duration::from_millis(200));
+    let slow = {
+        let held = held.clone();
+        tokio::spawn(async move { held.get::<String>("k").await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    other.set("k", "v2").await.unwrap();
+    let old = slow.await.unwrap();
+    proxy.pass();
+
+    assert_eq!(
+        old.as_deref(),
+        Some("v1"),
+        "the read started before the write"
+    );
+    assert_eq!(held.stats().near.races, 1);
+    assert_eq!(
+        held.get::<String>("k").await.unwrap().as_deref(),
+        Some("v2")
+    );
+}
+
+/// The session check is answered from memory, and any write to the user's sessions from
+/// another client — a new session, a rotation, a revocation — reaches it within 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_checks_are_cached_and_invalidated_by_any_write() {
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let b = client(&server.url()).await;
+    let checks = Sessions::builder(&a, SECRET)
+        .near_cache(NearCacheConfig::default())
+        .build()
+        .unwrap();
+    let writer = Sessions::new(&b, SECRET).unwrap();
+    let issued = writer.create("alice", "laptop", None, None).await.unwrap();
+    let sid = issued.session.session_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut streak = 0;
+    while streak < 2 {
+        assert!(Instant::now() < deadline, "the near-cache never served");
+        let before = checks.stats().near.hits;
+        assert!(checks.session("alice", &sid).await.unwrap().is_some());
+        streak = if checks.stats().near.hits > before {
+            streak + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let commands = a.stats().commands;
+    for _ in 0..50 {
+        assert!(checks.session("alice", &sid).await.unwrap().is_some());
+    }
+    assert_eq!(a.stats().commands, commands, "a held check sent a command");
+
+    let invalidated = |n: u64| {
+        let checks = checks.clone();
+        async move {
+            let deadline = Instant::now() + BOUND;
+            while checks.stats().near.invalidations < n {
+                assert!(Instant::now() < deadline, "invalidation {n} never came");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    let base = checks.stats().near.invalidations;
+    writer.create("alice", "phone", None, None).await.unwrap();
+    invalidated(base + 1).await;
+    let rotated = writer.rotate(issued.token.expose(), None).await.unwrap();
+    invalidated(base + 2).await;
+    let session = checks.session("alice", &sid).await.unwrap().unwrap();
+    assert_eq!(session.generation, rotated.session.generation);
+
+    assert!(writer.revoke("alice", &sid).await.unwrap());
+    let started = Instant::now();
+    while checks.session("alice", &sid).await.unwrap().is_some() {
+        assert!(started.elapsed() < BOUND, "revoked session still live");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
