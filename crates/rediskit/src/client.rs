@@ -106,7 +106,7 @@ pub struct Health {
 ///
 /// - **Multiplexed.** The handle keeps [`Config::max_connections`] connections; each carries any
 ///   number of concurrent commands, pipelined on the wire (auto-pipelining: concurrent callers'
-///   commands leave in one write). Callers fill the first connection up to 32 commands in flight
+///   commands leave in one write). Callers fill the first connection up to 128 commands in flight
 ///   before using the next, so commands batch instead of spreading thin. A burst of callers
 ///   queues on them: it never fails with "too many connections". On a cluster each pooled
 ///   connection holds one multiplexed connection per node.
@@ -1145,7 +1145,7 @@ fn ttl_millis(ttl: Duration) -> u64 {
 }
 
 /// Commands in flight on a connection before callers move on to the next one.
-const PIPELINE_DEPTH: usize = 32;
+const PIPELINE_DEPTH: usize = 128;
 
 impl Pool {
     /// The connection for the next command: the first one with fewer than [`PIPELINE_DEPTH`]
