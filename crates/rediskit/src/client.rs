@@ -1257,7 +1257,7 @@ fn install_crypto_provider() {
 }
 
 /// A redis crate client for `info`, with the configured TLS certificates.
-fn redis_client(config: &Config, info: redis::ConnectionInfo) -> Result<redis::Client> {
+pub(crate) fn redis_client(config: &Config, info: redis::ConnectionInfo) -> Result<redis::Client> {
     install_crypto_provider();
     #[cfg(feature = "tls")]
     let client = match config.tls_certificates()? {

@@ -420,15 +420,7 @@ fn target(config: &Config) -> Result<redis::Client> {
         .redis_settings()
         .clone()
         .set_protocol(redis::ProtocolVersion::RESP3);
-    let info = info.set_redis_settings(settings);
-    #[cfg(feature = "tls")]
-    let client = match config.tls_certificates()? {
-        Some(certificates) => redis::Client::build_with_tls(info, certificates),
-        None => redis::Client::open(info),
-    };
-    #[cfg(not(feature = "tls"))]
-    let client = redis::Client::open(info);
-    client.map_err(|err| Error::config(format!("near-cache tracking target: {err}")))
+    crate::client::redis_client(config, info.set_redis_settings(settings))
 }
 
 /// The near-cache store for keys under `prefix`, or `None` when `client` cannot have one (the

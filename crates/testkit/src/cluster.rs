@@ -31,7 +31,7 @@ use std::ffi::OsString;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::node::{self, Node};
+use crate::node::{self, LOG_LINES, Node, POLL_INTERVAL, QUERY_TIMEOUT};
 
 /// The `cluster-node-timeout` of [`RedisCluster::start`], in milliseconds: how long a node may
 /// stay silent before the others suspect it, and so roughly how soon a failover begins.
@@ -47,13 +47,6 @@ const SLOTS: usize = 16384;
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the nodes get to agree on the topology once created.
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connect, read and write timeout of the harness's own queries, so a dead or stopped node
-/// cannot hang a poll.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause between two polls of the cluster's state.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// Log lines of each node shown when the harness panics.
-const LOG_LINES: usize = 30;
 
 /// Three primaries and three replicas forming a Redis Cluster on ephemeral ports. Every node is
 /// killed (and its directory removed) on drop. See the [module docs](self) for its behavior.

@@ -15,6 +15,14 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
+/// Connect, read and write timeout of the harnesses' own queries, so a dead or stopped node
+/// cannot hang a poll.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between two polls of a topology's state.
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Log lines of each process shown when a harness panics.
+pub(crate) const LOG_LINES: usize = 30;
+
 /// A `redis-server` process in its own temporary directory. Killed (and the directory removed)
 /// on drop.
 pub(crate) struct Node {

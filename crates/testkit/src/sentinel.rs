@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
-use crate::node::{self, Node};
+use crate::node::{self, LOG_LINES, Node, POLL_INTERVAL, QUERY_TIMEOUT};
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "rediskit-test";
@@ -46,13 +46,6 @@ const QUORUM: usize = 2;
 const PING_PERIOD_MS: u64 = 100;
 /// How long the setup gets to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connect, read and write timeout of the harness's own queries, so a dead node cannot hang a
-/// poll.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pause between two polls.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// Log lines of each process shown when the harness panics.
-const LOG_LINES: usize = 30;
 
 /// A primary, one replica and three sentinels on ephemeral ports. Everything is killed (and its
 /// directory removed) on drop. See the [module docs](self) for its behavior.
