@@ -112,6 +112,7 @@ async fn load(
 /// anything but "unavailable" and that the sessions all survived.
 async fn failover_under_load(
     client: Client,
+    pairs: Vec<(u16, u16)>,
     fail: impl FnOnce() + Send + 'static,
     what: &str,
 ) -> Duration {
@@ -126,7 +127,9 @@ async fn failover_under_load(
     }
     // Let the replicas catch up with the sessions before the primary dies: this test is about
     // the gap, not about what asynchronous replication can lose (see docs/reliability.md).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::task::spawn_blocking(move || wait_replicated(&pairs))
+        .await
+        .unwrap();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -183,6 +186,36 @@ async fn failover_under_load(
     gap
 }
 
+/// Waits until every replica of the `(primary port, replica port)` pairs has processed the
+/// replication stream as far as its primary had written when called (`master_repl_offset`).
+fn wait_replicated(pairs: &[(u16, u16)]) {
+    let offset = |port: u16| -> u64 {
+        let mut connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut connection)
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("master_repl_offset:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for &(primary, replica) in pairs {
+        let target = offset(primary);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while offset(replica) < target {
+            assert!(
+                Instant::now() < deadline,
+                "replica {replica} never caught up with primary {primary} (offset {target})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A primary of the cluster dies under load: a replica is promoted, operations resume, and no
 /// caller ever saw anything but "unavailable".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,10 +224,16 @@ async fn cluster_failover_under_load() {
         .await
         .unwrap();
     let client = cluster_client(&cluster).await;
+    let pairs = cluster
+        .replicas()
+        .into_iter()
+        .map(|replica| (primary_of(&cluster, replica), replica))
+        .collect();
     let cluster = Arc::new(std::sync::Mutex::new(cluster));
     let victim_owner = cluster.clone();
     failover_under_load(
         client,
+        pairs,
         move || {
             let mut cluster = victim_owner.lock().unwrap();
             // The primary of one of the sessions' users.
@@ -205,6 +244,18 @@ async fn cluster_failover_under_load() {
         "cluster failover",
     )
     .await;
+}
+
+/// The port of the primary `replica` replicates from (its `INFO replication`).
+fn primary_of(cluster: &RedisCluster, replica: u16) -> u16 {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut cluster.admin(replica))
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("master_port:"))
+        .and_then(|port| port.trim().parse().ok())
+        .expect("a replica names its primary")
 }
 
 /// The Sentinel-managed primary dies under load: the sentinels promote the replica, the handle
@@ -227,10 +278,12 @@ async fn sentinel_failover_under_load() {
     assert!(health.ok, "{health:?}");
     assert_eq!(health.backend, BackendKind::Sentinel);
     let replica = setup.replica_port();
+    let pairs = vec![(setup.primary_port(), replica)];
     let setup = Arc::new(std::sync::Mutex::new(setup));
     let killer = setup.clone();
     failover_under_load(
         client.clone(),
+        pairs,
         move || {
             let mut setup = killer.lock().unwrap();
             setup.kill_primary();
