@@ -23,7 +23,7 @@ const PASSWORD: &str = "correct-horse-battery-staple";
 /// The permissions of rediskit's ACL user, exactly as `docs/redis-acl.md` gives them.
 const PERMISSIONS: &str = "~rk:* resetchannels -@all +ping +get +set +mget +del +exists +pttl \
                            +scan +multi +exec +evalsha +script|load +time +hget +hgetall +hset \
-                           +hdel +hlen +expireat +expiretime";
+                           +hdel +hlen +expireat";
 
 const ACL_DOC: &str = include_str!("../../../docs/redis-acl.md");
 

@@ -17,12 +17,16 @@ local function now_secs()
 end
 
 -- When a session stops being valid: its expiry, or earlier after `idle` seconds unused.
-local function session_end(rec, idle)
-  local _, _, _, last, expires = struct.unpack(FMT, rec)
+local function ends_at(last, expires, idle)
   if idle > 0 and last + idle < expires then
     return last + idle
   end
   return expires
+end
+
+local function session_end(rec, idle)
+  local _, _, _, last, expires = struct.unpack(FMT, rec)
+  return ends_at(last, expires, idle)
 end
 
 -- Equality of two secrets' hashes without an early exit.
@@ -66,9 +70,10 @@ local function sweep(key, now, idle)
   return live
 end
 
--- Makes the key live at least until `ends` (never shortens it).
+-- Makes the key live at least until `ends` (never shortens it). One call when it extends (the
+-- usual case); `GT` leaves a key without expiry alone, so a new key gets a second call.
 local function extend(key, ends)
-  if redis.call('EXPIRETIME', key) < ends then
+  if redis.call('EXPIREAT', key, ends, 'GT') == 0 and redis.call('PTTL', key) == -1 then
     redis.call('EXPIREAT', key, ends)
   end
 end

@@ -11,7 +11,7 @@ if not rec then
   return {0}
 end
 local gen, hash, created, last, expires, rotated = struct.unpack(FMT, rec)
-if session_end(rec, idle) <= now then
+if ends_at(last, expires, idle) <= now then
   redis.call('HDEL', key, sid)
   sweep(key, now, idle)
   return {2}
