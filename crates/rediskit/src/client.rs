@@ -144,6 +144,8 @@ struct Inner {
     following: AtomicBool,
     /// Sentinel lookups finished, so callers queued behind a failed one can tell.
     lookups: AtomicU64,
+    /// Why the last Sentinel lookup failed, for the callers that queued behind it.
+    last_lookup_error: std::sync::Mutex<String>,
     memory: Option<MemoryStore>,
     closed: AtomicBool,
     commands: AtomicU64,
@@ -362,6 +364,7 @@ impl Client {
             sentinel_lookup: tokio::sync::Mutex::new(()),
             following: AtomicBool::new(false),
             lookups: AtomicU64::new(0),
+            last_lookup_error: std::sync::Mutex::new(String::new()),
             memory,
             closed: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -595,12 +598,16 @@ impl Client {
             return Ok(pool);
         }
         if self.inner.lookups.load(Ordering::Acquire) != attempt {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                "the sentinels did not name a reachable primary (see the previous error)",
-            ));
+            let why = match self.inner.last_lookup_error.lock() {
+                Ok(why) => why.clone(),
+                Err(_) => String::new(),
+            };
+            return Err(Error::new(ErrorKind::Unavailable, why));
         }
         let found = find_primary(&self.inner.config).await;
+        if let (Err(err), Ok(mut why)) = (&found, self.inner.last_lookup_error.lock()) {
+            *why = err.message().to_owned();
+        }
         self.inner.lookups.fetch_add(1, Ordering::AcqRel);
         let (host, port) = found?;
         let config = &self.inner.config;
