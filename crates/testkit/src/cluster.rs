@@ -175,21 +175,12 @@ impl RedisCluster {
             !orphaned.is_empty(),
             "node {old} served no slots when it was killed (a replica?): no failover to wait for"
         );
-        let deadline = Instant::now() + timeout;
-        loop {
-            let why = match self.successor(old, orphaned) {
-                Ok(new) => return new,
-                Err(why) => why,
-            };
-            if Instant::now() > deadline {
-                panic!(
-                    "no replica took over the slots of the killed primary {old} within \
-                     {timeout:?}: {why}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        node::poll(
+            timeout,
+            &format!("no replica took over the slots of the killed primary {old}"),
+            || self.successor(old, orphaned),
+            || self.logs(),
+        )
     }
 
     /// The port every survivor agrees now serves `orphaned`, or what is not settled yet.
@@ -321,20 +312,12 @@ impl RedisCluster {
 
     /// Waits until every node agrees the cluster is whole; panics after [`FORM_TIMEOUT`].
     fn wait_until_formed(&self) {
-        let deadline = Instant::now() + FORM_TIMEOUT;
-        loop {
-            let why = match self.formation_gap() {
-                None => return,
-                Some(why) => why,
-            };
-            if Instant::now() > deadline {
-                panic!(
-                    "the cluster did not form within {FORM_TIMEOUT:?}: {why}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        node::poll(
+            FORM_TIMEOUT,
+            "the cluster did not form",
+            || self.formation_gap().map_or(Ok(()), Err),
+            || self.logs(),
+        )
     }
 
     /// What keeps the cluster from being formed, as seen by some node, or `None` once every node

@@ -23,6 +23,27 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Log lines of each process shown when a harness panics.
 pub(crate) const LOG_LINES: usize = 30;
 
+/// Polls `check` every [`POLL_INTERVAL`] until it gives a value; after `timeout` panics with
+/// `what` did not happen, the last reason `check` gave, and `logs()`.
+pub(crate) fn poll<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+    logs: impl FnOnce() -> String,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let why = match check() {
+            Ok(value) => return value,
+            Err(why) => why,
+        };
+        if std::time::Instant::now() > deadline {
+            panic!("{what} within {timeout:?}: {why}\n{}", logs());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 /// A `redis-server` process in its own temporary directory. Killed (and the directory removed)
 /// on drop.
 pub(crate) struct Node {

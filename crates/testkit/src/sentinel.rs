@@ -30,9 +30,9 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::node::{self, LOG_LINES, Node, POLL_INTERVAL, QUERY_TIMEOUT};
+use crate::node::{self, LOG_LINES, Node, QUERY_TIMEOUT};
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "rediskit-test";
@@ -175,20 +175,12 @@ impl SentinelSetup {
     /// logs, after `timeout`.
     pub fn wait_for_failover(&self, timeout: Duration) -> u16 {
         let old = self.primary.port();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let why = match self.successor(old) {
-                Ok(new) => return new,
-                Err(why) => why,
-            };
-            if Instant::now() > deadline {
-                panic!(
-                    "the sentinels did not fail over from {old} within {timeout:?}: {why}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        node::poll(
+            timeout,
+            &format!("the sentinels did not fail over from {old}"),
+            || self.successor(old),
+            || self.logs(),
+        )
     }
 
     /// The master every sentinel agrees replaced `old`, or what is not settled yet.
@@ -229,17 +221,12 @@ impl SentinelSetup {
     /// Polls `gap` (what is missing, or `None` once ready) until it is `None`; panics with the
     /// last gap and the logs after [`READY_TIMEOUT`].
     fn wait_until(&self, what: &str, gap: impl Fn() -> Option<String>) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let Some(why) = gap() else { return };
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out after {READY_TIMEOUT:?} waiting for {what}: {why}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        node::poll(
+            READY_TIMEOUT,
+            &format!("timed out waiting for {what}"),
+            || gap().map_or(Ok(()), Err),
+            || self.logs(),
+        )
     }
 
     /// Why the replica is not in sync yet, as both sides see it.
