@@ -570,17 +570,32 @@ async fn key_layout() {
         .create("al{i}ce", "d", Some(Duration::from_secs(100)), None)
         .await
         .unwrap();
-    store
+    let longest = store
         .create("al{i}ce", "d", Some(Duration::from_secs(500)), None)
         .await
         .unwrap();
     let keys: Vec<String> = admin_cmd(server, &["KEYS", "*"]);
     assert_eq!(keys, vec!["rk:s:{al%7Bi%7Dce}"]);
-    let ttl: i64 = admin_cmd(server, &["TTL", "rk:s:{al%7Bi%7Dce}"]);
+    let ttl = || -> i64 { admin_cmd(server, &["TTL", "rk:s:{al%7Bi%7Dce}"]) };
     assert!(
-        (495..=500).contains(&ttl),
-        "the key lives as long as its longest session: {ttl}"
+        (495..=500).contains(&ttl()),
+        "the key lives as long as its longest session: {}",
+        ttl()
     );
+    // A shorter session created later does not shorten it...
+    store
+        .create("al{i}ce", "d", Some(Duration::from_secs(50)), None)
+        .await
+        .unwrap();
+    assert!((495..=500).contains(&ttl()), "shortened: {}", ttl());
+    // ...and revoking the longest brings it down to the longest remaining one.
+    assert!(
+        store
+            .revoke("al{i}ce", &longest.session.session_id)
+            .await
+            .unwrap()
+    );
+    assert!((95..=100).contains(&ttl()), "not exact: {}", ttl());
     let encoding: String = admin_cmd(server, &["OBJECT", "ENCODING", "rk:s:{al%7Bi%7Dce}"]);
     assert_eq!(encoding, "listpack");
 }

@@ -4,24 +4,41 @@ local key, sid = KEYS[1], ARGV[1]
 local ttl, idle, max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local device, metadata = ARGV[6], ARGV[7]
 local now = now_secs()
+local expires = now + ttl
+local ends = ends_at(now, expires, idle)
+local rec = struct.pack(FMT, 0, ARGV[2], now, now, expires, now)
+  .. string.char(#device) .. device .. metadata
 -- Sweeping reads every session of the user: do it when the user has few (cheap, keeps small
 -- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
 -- create is O(1); ended sessions wait for the next sweep or for the key to expire.
 local evicted = 0
 local count = redis.call('HLEN', key)
-if count <= SWEEP_BELOW or count >= max then
-  local live = sweep(key, now, idle)
-  -- Evict the oldest until the new session fits under the cap.
-  while #live - evicted >= max do
-    evicted = evicted + 1
-    redis.call('HDEL', key, live[evicted][1])
+if count == 0 then
+  -- A new key: nothing to sweep, and its expiry is this session's end.
+  redis.call('HSET', key, sid, rec)
+  redis.call('EXPIREAT', key, ends)
+elseif count <= SWEEP_BELOW or count >= max then
+  local live, ended, last_end = scan(key, now, idle)
+  if #ended > 0 then
+    redis.call('HDEL', key, unpack(ended))
   end
+  -- Evict the oldest until the new session fits under the cap.
+  if #live >= max then
+    table.sort(live, function(a, b)
+      if a[2] == b[2] then return a[1] < b[1] end
+      return a[2] < b[2]
+    end)
+    while #live - evicted >= max do
+      evicted = evicted + 1
+      redis.call('HDEL', key, live[evicted][1])
+    end
+  end
+  redis.call('HSET', key, sid, rec)
+  -- Every live session was seen, so the key's expiry is exactly the last one's end.
+  if last_end > ends then ends = last_end end
+  redis.call('EXPIREAT', key, ends)
+else
+  redis.call('HSET', key, sid, rec)
+  extend(key, ends)
 end
-local expires = now + ttl
-local rec = struct.pack(FMT, 0, ARGV[2], now, now, expires, now)
-  .. string.char(#device) .. device .. metadata
-redis.call('HSET', key, sid, rec)
-local ends = expires
-if idle > 0 and now + idle < ends then ends = now + idle end
-extend(key, ends)
 return {now, expires, evicted}

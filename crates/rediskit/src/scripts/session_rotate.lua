@@ -10,23 +10,21 @@ local rec = redis.call('HGET', key, sid)
 if not rec then
   return {0}
 end
-local gen, hash, created, last, expires, rotated = struct.unpack(FMT, rec)
+local gen, h1, h2, h3, h4, created, last, expires, rotated = struct.unpack(FMT_WORDS, rec)
 if ends_at(last, expires, idle) <= now then
   redis.call('HDEL', key, sid)
   sweep(key, now, idle)
   return {2}
 end
 if presented == gen then
-  if not ct_eq(hash, ARGV[3]) then
+  if not hash_eq(h1, h2, h3, h4, ARGV[3]) then
     return {0}
   end
   local new_expires = now + ttl
   local new_rec = struct.pack(FMT, gen + 1, ARGV[4], created, now, new_expires, now)
     .. string.sub(rec, HEAD + 1)
   redis.call('HSET', key, sid, new_rec)
-  local ends = new_expires
-  if idle > 0 and now + idle < ends then ends = now + idle end
-  extend(key, ends)
+  extend(key, ends_at(now, new_expires, idle))
   return {1, gen + 1, new_rec}
 end
 if presented + 1 == gen and grace > 0 and now - rotated <= grace then
