@@ -544,7 +544,7 @@ impl Sessions {
             }
         };
         match reply {
-            RotateReply::Rotated(record) | RotateReply::Grace(record) => {
+            RotateReply::Current(record) => {
                 // In the grace window the stored hash must be the one derived from this token.
                 if !ct_eq(&record.hash, &next_hash) {
                     return Err(unknown_token());
@@ -1088,32 +1088,25 @@ struct RotateArgs<'a> {
 
 enum RotateReply {
     Unknown,
-    Rotated(Record),
+    /// The session's record at the generation after the presented token's: rotated now, or
+    /// earlier within the grace window (the caller handles both alike).
+    Current(Record),
     Ended,
-    Grace(Record),
     Reused,
 }
 
 impl RotateReply {
+    /// The script answers the record alone (a bulk string) on success, else a status code:
+    /// one array fewer for redis-server to build per rotation.
     fn from_redis(value: redis::Value) -> Result<Self> {
         let bad = || Error::new(ErrorKind::Backend, "unexpected reply from session_rotate");
-        let redis::Value::Array(items) = value else {
-            return Err(bad());
-        };
-        let status = match items.first() {
-            Some(redis::Value::Int(status)) => *status,
-            _ => return Err(bad()),
-        };
-        let record = || match items.get(2) {
-            Some(redis::Value::BulkString(bytes)) => Record::decode(bytes).ok_or_else(bad),
-            _ => Err(bad()),
-        };
-        Ok(match status {
-            0 => RotateReply::Unknown,
-            1 => RotateReply::Rotated(record()?),
-            2 => RotateReply::Ended,
-            3 => RotateReply::Grace(record()?),
-            4 => RotateReply::Reused,
+        Ok(match value {
+            redis::Value::BulkString(bytes) => {
+                RotateReply::Current(Record::decode(&bytes).ok_or_else(bad)?)
+            }
+            redis::Value::Int(0) => RotateReply::Unknown,
+            redis::Value::Int(2) => RotateReply::Ended,
+            redis::Value::Int(4) => RotateReply::Reused,
             _ => return Err(bad()),
         })
     }
@@ -1211,14 +1204,14 @@ mod engine {
             };
             map.insert(args.sid.to_owned(), rotated.encode());
             let (_, ttl) = sweep(map, args.idle, now);
-            return (RotateReply::Rotated(rotated), ttl);
+            return (RotateReply::Current(rotated), ttl);
         }
         if args.generation + 1 == record.generation
             && args.grace > 0
             && now.saturating_sub(record.rotated) <= args.grace
         {
             let (_, ttl) = sweep(map, args.idle, now);
-            return (RotateReply::Grace(record), ttl);
+            return (RotateReply::Current(record), ttl);
         }
         if args.generation < record.generation {
             map.remove(args.sid);
