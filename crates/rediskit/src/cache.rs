@@ -339,7 +339,7 @@ impl Cache {
     /// The Redis key under which `key` is stored (to inspect it with `redis-cli`).
     pub fn redis_key(&self, key: &str) -> Result<String> {
         keys::check_key(key).map_err(Error::invalid)?;
-        Ok(format!("{}{key}", self.inner.prefix))
+        Ok(keys::join(&[&self.inner.prefix, key]))
     }
 
     /// Counters since this cache was built.
@@ -818,7 +818,7 @@ impl Cache {
         if self.inner.lease_ttl.is_zero() {
             return TryLease::Taken(None);
         }
-        let lease_key = format!("{}{key}", self.inner.lease_prefix);
+        let lease_key = keys::join(&[&self.inner.lease_prefix, key]);
         let mut token = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut token);
         let token = token.to_vec();
@@ -842,7 +842,7 @@ impl Cache {
             TryLease::Unavailable => return Lease::Held(None),
             TryLease::Busy(lease_key) => lease_key,
         };
-        let redis_key = format!("{}{key}", self.inner.prefix);
+        let redis_key = keys::join(&[&self.inner.prefix, key]);
         let deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
         let mut pause = Duration::from_millis(5);
         while tokio::time::Instant::now() < deadline {

@@ -819,7 +819,9 @@ impl Client {
             return Ok(memory.get(key));
         }
         self.run("GET", |mut c| async move {
-            redis::cmd("GET").arg(key).query_async(&mut c).await
+            sized_cmd(&[b"GET", key.as_bytes()])
+                .query_async(&mut c)
+                .await
         })
         .await
     }
@@ -852,11 +854,8 @@ impl Client {
             return Ok(());
         }
         self.run("SET", |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_ms)
+            let ttl_ms = ttl_ms.to_string();
+            sized_cmd(&[b"SET", key.as_bytes(), value, b"PX", ttl_ms.as_bytes()])
                 .query_async::<()>(&mut c)
                 .await
         })
@@ -1144,6 +1143,16 @@ pub(crate) fn key_slot(key: &str) -> u16 {
         })
         .unwrap_or(bytes);
     crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
+}
+
+/// A command built with its buffers sized up front: `redis::cmd(..).arg(..)` grows them
+/// argument by argument (a `realloc` each), on the hottest paths.
+fn sized_cmd(args: &[&[u8]]) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(args.len(), args.iter().map(|arg| arg.len()).sum());
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
 }
 
 fn ttl_millis(ttl: Duration) -> u64 {

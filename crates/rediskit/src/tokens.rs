@@ -357,11 +357,13 @@ impl Sessions {
 
     fn user_key(&self, user: &str) -> Result<String> {
         check_user(user)?;
-        Ok(format!(
-            "{}s:{{{}}}",
-            self.inner.client.key_prefix(),
-            keys::escape_component(user)
-        ))
+        let prefix = self.inner.client.key_prefix();
+        let mut key = String::with_capacity(prefix.len() + user.len() + 8);
+        key.push_str(prefix);
+        key.push_str("s:{");
+        keys::escape_component_into(&mut key, user);
+        key.push('}');
+        Ok(key)
     }
 
     fn idle_secs(&self) -> u32 {
