@@ -764,7 +764,7 @@ impl Client {
         }
         for script in crate::scripts::all() {
             self.run("SCRIPT LOAD", |mut c| async move {
-                script.prepare_invoke().load_async(&mut c).await.map(|_| ())
+                script.redis().load_async(&mut c).await.map(|_| ())
             })
             .await?;
         }
