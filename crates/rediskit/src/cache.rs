@@ -699,8 +699,23 @@ impl Cache {
                 }
             }
         };
-        // Another process (or a caller that finished just before we joined) may have stored it.
-        if let Some(value) = self.soft(self.read(redis_key).await)?.flatten() {
+        // Another process (or a caller that finished just before we joined) may have stored it;
+        // and among processes, the first to take the lease computes while the others wait for
+        // its value. The look and the bid go out together: one round trip, not two.
+        let (found, bid) = tokio::join!(self.read(redis_key), self.try_lease(key));
+        let found = match self.soft(found) {
+            Ok(found) => found.flatten(),
+            Err(err) => {
+                if let TryLease::Taken(lease) = bid {
+                    self.release_lease(lease).await;
+                }
+                return Err(err.into());
+            }
+        };
+        if let Some(value) = found {
+            if let TryLease::Taken(lease) = bid {
+                self.release_lease(lease).await;
+            }
             if let Ok(bytes) = self.inner.codec.encode(&value) {
                 flight.publish(Flight::Done(Arc::new(bytes)));
             }
@@ -709,18 +724,21 @@ impl Cache {
                 status: CacheStatus::Hit,
             });
         }
-        // Other processes: the first to take the lease computes; the others wait for its value.
-        let lease = match self.take_lease(key).await {
-            Lease::Waited(value) => {
-                if let Ok(bytes) = self.inner.codec.encode(&value) {
-                    flight.publish(Flight::Done(Arc::new(bytes)));
+        let lease = match bid {
+            TryLease::Taken(lease) => lease,
+            TryLease::Unavailable => None,
+            TryLease::Busy(lease_key) => match self.wait_for_holder(key, lease_key).await {
+                Lease::Waited(value) => {
+                    if let Ok(bytes) = self.inner.codec.encode(&value) {
+                        flight.publish(Flight::Done(Arc::new(bytes)));
+                    }
+                    return Ok(Lookup {
+                        value,
+                        status: CacheStatus::Shared,
+                    });
                 }
-                return Ok(Lookup {
-                    value,
-                    status: CacheStatus::Shared,
-                });
-            }
-            Lease::Held(lease) => lease,
+                Lease::Held(lease) => lease,
+            },
         };
         let value = self.compute_and_store(&flight, ttl, lease, compute).await?;
         Ok(Lookup {
@@ -807,8 +825,12 @@ impl Cache {
                 return Err(err.into());
             }
         };
-        let _ = self.soft(self.write(&flight.key, &bytes, ttl).await);
-        self.release_lease(lease).await;
+        // The store and the release go out together (the store first): one round trip.
+        let (written, ()) = tokio::join!(
+            self.write(&flight.key, &bytes, ttl),
+            self.release_lease(lease)
+        );
+        let _ = self.soft(written);
         flight.publish(Flight::Done(Arc::new(bytes)));
         Ok(value)
     }
@@ -834,14 +856,9 @@ impl Cache {
         }
     }
 
-    /// Takes the cross-process lease on `key`, or waits for the value of the process holding it.
-    /// Any trouble with Redis (or a lease that expires without a value) means: compute here.
-    async fn take_lease<T: DeserializeOwned>(&self, key: &str) -> Lease<T> {
-        let lease_key = match self.try_lease(key).await {
-            TryLease::Taken(lease) => return Lease::Held(lease),
-            TryLease::Unavailable => return Lease::Held(None),
-            TryLease::Busy(lease_key) => lease_key,
-        };
+    /// Waits for the value of the process holding the lease `lease_key` on `key`. Any trouble
+    /// with Redis (or a lease that expires without a value) means: compute here.
+    async fn wait_for_holder<T: DeserializeOwned>(&self, key: &str, lease_key: String) -> Lease<T> {
         let redis_key = keys::join(&[&self.inner.prefix, key]);
         let deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
         let mut pause = Duration::from_millis(5);
@@ -1142,7 +1159,7 @@ enum TryLease {
 /// `PTTL` replies, in milliseconds (-1: no expiry, -2: no key).
 type Ttls = Vec<i64>;
 
-/// The outcome of [`Cache::take_lease`]: ours to compute (with the lease to release, if one was
+/// The outcome of [`Cache::wait_for_holder`]: ours to compute (with the lease to release, if one was
 /// taken), or the value another process computed while we waited.
 enum Lease<T> {
     Held(LeaseHold),
