@@ -131,7 +131,10 @@ pub struct CacheStats {
 ///   their key changed (any client's write, delete, expiry or `FLUSHALL`), the entry reaches its
 ///   maximum age or the key's TTL, or the invalidation connection is lost (then everything is
 ///   dropped and reads go to Redis until it is back). This handle's own writes drop the entry
-///   at once. See the `near` module's docs and `docs/decisions/0004-near-cache.md`.
+///   at once. With a stale window it keeps a value only while it is fresh, so `get_or_set`
+///   answers fresh hits from memory and still sees the value go stale (and refreshes it); stale
+///   values are read from Redis. See the `near` module's docs and
+///   `docs/decisions/0004-near-cache.md`.
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<CacheInner>,
@@ -633,6 +636,15 @@ impl Cache {
                 None => Found::Missing,
             });
         }
+        // The near-cache holds values only while they are fresh (see `fresh_for`): a hit is fresh.
+        let near = self.inner.near.as_deref();
+        if let Some(near) = near
+            && let Some(value) = self.soft(self.near_hit(near, redis_key))?.flatten()
+        {
+            return Ok(Found::Fresh(value));
+        }
+        // The ticket comes before the read is sent: see `near` on the race it closes.
+        let ticket = near.and_then(|near| near.ticket(redis_key));
         let read = self.inner.client.get_with_ttl(redis_key).await;
         let Some(read) = self.soft(read)? else {
             return Ok(Found::Missing);
@@ -641,14 +653,27 @@ impl Cache {
             Some((bytes, left)) => (Some(bytes), left),
             None => (None, None),
         };
+        let kept = bytes.clone().filter(|_| ticket.is_some());
         let Some(value) = self.decode_counted(redis_key, bytes).await else {
             return Ok(Found::Missing);
         };
         // No expiry at all (written by another program) never goes stale.
         Ok(match left {
             Some(left) if left <= window => Found::Stale(value),
-            _ => Found::Fresh(value),
+            _ => {
+                if let (Some(near), Some(ticket), Some(bytes)) = (near, ticket, kept) {
+                    near.insert(ticket, redis_key, "", &bytes, self.fresh_for(left));
+                }
+                Found::Fresh(value)
+            }
         })
+    }
+
+    /// How long the near-cache may keep a value that Redis holds for `left` more (`None`: no
+    /// expiry): until it would enter the stale window, so that a near hit is always fresh and
+    /// `get_or_set` still sees a value go stale and refreshes it.
+    fn fresh_for(&self, left: Option<Duration>) -> Option<Duration> {
+        left.map(|left| left.saturating_sub(self.inner.stale_window))
     }
 
     fn serve_stale<T>(&self, value: T) -> Lookup<T> {
@@ -928,7 +953,7 @@ impl Cache {
         let (bytes, ttl) = self.get_with_ttl(redis_key).await?;
         let value = self.decode_counted(redis_key, bytes.clone()).await;
         if let (Some(_), Some(bytes)) = (&value, &bytes) {
-            near.insert(ticket, redis_key, "", bytes, ttl);
+            near.insert(ticket, redis_key, "", bytes, self.fresh_for(ttl));
         }
         Ok(value)
     }
@@ -1025,7 +1050,7 @@ impl Cache {
             let value = self.decode_counted(redis_key, bytes.clone()).await;
             if let (Some(_), Some(ticket), Some(bytes)) = (&value, ticket, &bytes) {
                 let ttl = (ms >= 0).then(|| Duration::from_millis(ms as u64));
-                near.insert(ticket, redis_key, "", bytes, ttl);
+                near.insert(ticket, redis_key, "", bytes, self.fresh_for(ttl));
             }
             out[index] = value;
         }

@@ -404,3 +404,73 @@ async fn session_checks_are_cached_and_invalidated_by_any_write() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// With a stale window, the near-cache holds a value only while it is fresh: `get_or_set`
+/// answers from memory then, and once the value enters the window it is `Stale` (and
+/// refreshed) as without a near-cache, not served as fresh from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_stale_window_only_fresh_values_are_held() {
+    use rediskit::CacheStatus;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let server = RedisServer::start();
+    let a = client(&server.url()).await;
+    let cache = Cache::builder(&a)
+        .namespace("hot")
+        .near_cache(NearCacheConfig::default())
+        .stale_while_revalidate(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    cache.set("warm", "w").await.unwrap();
+    until_near_hit(&cache, "warm").await;
+    let ttl = Duration::from_secs(2);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let get_or_set = |value: &'static str| {
+        let runs = runs.clone();
+        let cache = cache.clone();
+        async move {
+            cache
+                .try_get_or_set("k", ttl, || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, rediskit::Error>(value.to_owned())
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let first = get_or_set("v1").await;
+    assert_eq!(
+        (first.value.as_str(), first.status),
+        ("v1", CacheStatus::Miss)
+    );
+    // Fresh: once tracking is up, hits come from memory.
+    let deadline = Instant::now() + ttl - Duration::from_millis(300);
+    loop {
+        let hits = cache.stats().near.hits;
+        let fresh = get_or_set("unused").await;
+        assert_eq!(
+            (fresh.value.as_str(), fresh.status),
+            ("v1", CacheStatus::Hit)
+        );
+        if cache.stats().near.hits > hits {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no near hit while the value was fresh"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Past its TTL (well inside the window): stale, and refreshed inline by this caller.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    let near_hits = cache.stats().near.hits;
+    let refreshed = get_or_set("v2").await;
+    assert_eq!(
+        (refreshed.value.as_str(), refreshed.status),
+        ("v2", CacheStatus::Miss),
+        "a stale value was served from memory as fresh"
+    );
+    assert_eq!(cache.stats().near.hits, near_hits);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
