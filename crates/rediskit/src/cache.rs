@@ -653,7 +653,7 @@ impl Cache {
             Some((bytes, left)) => (Some(bytes), left),
             None => (None, None),
         };
-        let kept = bytes.clone().filter(|_| ticket.is_some());
+        let kept = ticket.is_some().then(|| bytes.clone()).flatten();
         let Some(value) = self.decode_counted(redis_key, bytes).await else {
             return Ok(Found::Missing);
         };

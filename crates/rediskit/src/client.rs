@@ -819,7 +819,8 @@ impl Client {
             return Ok(memory.get(key));
         }
         self.run("GET", |mut c| async move {
-            sized_cmd(&[b"GET", key.as_bytes()])
+            command("GET", 1, key.len())
+                .arg(key)
                 .query_async(&mut c)
                 .await
         })
@@ -854,8 +855,11 @@ impl Client {
             return Ok(());
         }
         self.run("SET", |mut c| async move {
-            let ttl_ms = ttl_ms.to_string();
-            sized_cmd(&[b"SET", key.as_bytes(), value, b"PX", ttl_ms.as_bytes()])
+            command("SET", 4, key.len() + value.len() + 22)
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
                 .query_async::<()>(&mut c)
                 .await
         })
@@ -1145,13 +1149,11 @@ pub(crate) fn key_slot(key: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
 }
 
-/// A command built with its buffers sized up front: `redis::cmd(..).arg(..)` grows them
-/// argument by argument (a `realloc` each), on the hottest paths.
-fn sized_cmd(args: &[&[u8]]) -> redis::Cmd {
-    let mut cmd = redis::Cmd::with_capacity(args.len(), args.iter().map(|arg| arg.len()).sum());
-    for arg in args {
-        cmd.arg(*arg);
-    }
+/// Command `name` with room for `args` more arguments of `bytes` in all: `redis::cmd(..)`
+/// grows its buffers argument by argument (a `realloc` each), on the hottest paths.
+fn command(name: &str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(args + 1, name.len() + bytes);
+    cmd.arg(name);
     cmd
 }
 
