@@ -948,14 +948,15 @@ impl TokenKeys {
     pub(crate) fn encode(&self, parts: &TokenParts) -> RefreshToken {
         let body = Self::body(parts);
         let mac = self.mac_of(&parts.user, &body);
-        let mut bin = Vec::with_capacity(TOKEN_BIN_LEN);
-        bin.extend_from_slice(&body);
-        bin.extend_from_slice(&mac);
-        RefreshToken(format!(
-            "{}.{}",
-            B64.encode(parts.user.as_bytes()),
-            B64.encode(bin)
-        ))
+        let mut bin = [0u8; TOKEN_BIN_LEN];
+        bin[..body.len()].copy_from_slice(&body);
+        bin[body.len()..].copy_from_slice(&mac);
+        // One allocation for the text (no `format!`, no intermediate strings).
+        let mut text = String::with_capacity((parts.user.len() + TOKEN_BIN_LEN) * 4 / 3 + 4);
+        B64.encode_string(parts.user.as_bytes(), &mut text);
+        text.push('.');
+        B64.encode_string(bin, &mut text);
+        RefreshToken(text)
     }
 
     /// Parses a token and checks its MAC (in constant time). Malformed text is `InvalidInput`;
@@ -969,7 +970,10 @@ impl TokenKeys {
         let user = B64.decode(user).map_err(|_| malformed())?;
         let user = String::from_utf8(user).map_err(|_| malformed())?;
         check_user(&user).map_err(|_| malformed())?;
-        let bin = B64.decode(bin).map_err(|_| malformed())?;
+        // Decoded on the stack; a longer text does not fit and is malformed.
+        let mut buf = [0u8; TOKEN_BIN_LEN + 3];
+        let len = B64.decode_slice(bin, &mut buf).map_err(|_| malformed())?;
+        let bin = &buf[..len];
         if bin.len() != TOKEN_BIN_LEN || bin[0] != TOKEN_VERSION {
             return Err(malformed());
         }
