@@ -99,6 +99,8 @@ pub(crate) fn join(parts: &[&str]) -> String {
 /// Escapes `text` for use inside a cluster hash tag `{...}` and as one `:`-separated component:
 /// `%`, `{`, `}`, `:` and control characters become `%XX`, so a component can neither end the
 /// tag early nor pose as another component. Injective: distinct inputs give distinct outputs.
+/// (The key builders append with [`escape_component_into`].)
+#[cfg(test)]
 pub(crate) fn escape_component(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     escape_component_into(&mut out, text);

@@ -202,11 +202,10 @@ impl RateLimiter {
                 key.len()
             )));
         }
-        Ok(format!(
-            "{}{}",
-            self.inner.prefix,
-            keys::escape_component(key)
-        ))
+        let mut redis_key = String::with_capacity(self.inner.prefix.len() + key.len() + 4);
+        redis_key.push_str(&self.inner.prefix);
+        keys::escape_component_into(&mut redis_key, key);
+        Ok(redis_key)
     }
 
     /// Decides one request of `key`.
