@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use rediskit::web::Problem;
 use serde::de::DeserializeOwned;
 
+use crate::BODY_LIMIT;
+
 /// Every handler error: a problem document. Internal causes ride along for the logging
 /// middleware and never reach the body.
 pub type ApiError = Problem;
@@ -40,11 +42,48 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(declared) = declared_over_limit(&request) {
+            linger(request, declared).await;
+            return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE));
+        }
         match axum::Json::<T>::from_request(request, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_problem(&rejection)),
         }
     }
+}
+
+/// The detail of every 413.
+const TOO_LARGE: &str = "the request body is larger than 64 KiB";
+
+/// How much of a body declared over [`BODY_LIMIT`] is read and discarded before its 413, and
+/// for how long at most (see [`linger`]).
+const LINGER_BYTES: u64 = 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The `Content-Length` of `request`, when it is over [`BODY_LIMIT`].
+fn declared_over_limit(request: &Request) -> Option<u64> {
+    request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|&length| length > BODY_LIMIT as u64)
+}
+
+/// Reads and throws away the body of a request about to be refused with 413 — up to
+/// [`LINGER_BYTES`], within [`LINGER_TIME`], nothing kept. A server that answers and closes
+/// while the client is still sending makes the kernel reset the connection, and the client then
+/// often sees the reset instead of the 413 (hyper drains only what it has already buffered).
+/// Larger bodies get the 413 at once and may see a reset.
+async fn linger(request: Request, declared: u64) {
+    use futures_util::StreamExt as _;
+    if declared > LINGER_BYTES {
+        return;
+    }
+    let mut body = request.into_body().into_data_stream();
+    let drain = async { while let Some(Ok(_)) = body.next().await {} };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// The problem document for a JSON rejection.
@@ -55,9 +94,7 @@ pub fn json_problem(rejection: &JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             "expected a JSON body with `Content-Type: application/json`".to_owned()
         }
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            "the request body is larger than 64 KiB".to_owned()
-        }
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => TOO_LARGE.to_owned(),
         other => format!("unreadable request body: {}", other.body_text()),
     };
     Problem::new(rejection.status(), detail)

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use rediskit_testkit::RedisServer;
 use reqwest::Method;
 use serde_json::json;
@@ -177,6 +179,55 @@ async fn body_over_64_kib_is_413() {
     assert_problem(&over, 413);
     assert_problem(&far_over, 413);
     assert_problem(&at_limit, 422); // read, then refused: the password is over 256 bytes
+}
+
+/// A client still sending an oversized body (here 512 KiB, in pieces) gets the 413 instead of a
+/// reset: the service reads and discards the rest before answering. Had it answered and closed
+/// at once, the later pieces would hit a closed connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_sending_an_oversized_body_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    let url = service.url("/auth/register");
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let length = 8 * BODY_LIMIT;
+    let head = format!(
+        "POST /auth/register HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {length}\r\n\r\n"
+    );
+
+    // Act: the head, then the body in 16 pieces 20 ms apart.
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![b'x'; length / 16];
+    for _ in 0..16 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stream
+            .write_all(&piece)
+            .await
+            .expect("the service closed the connection while the body was still coming");
+    }
+    // The connection stays open (the body was read, so it can be reused): read the status line.
+    let mut answer = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+
+    // Assert
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "expected a 413, got: {answer}"
+    );
 }
 
 /// Usernames outside 1–64 characters of `A-Z a-z 0-9 _ . @ -` and passwords outside 8–256
