@@ -107,8 +107,21 @@ pub(crate) fn escape_component(text: &str) -> String {
     out
 }
 
+/// `head`, then `component` escaped (see [`escape_component`]), then `tail`: a key with a
+/// caller-supplied part, built in one allocation.
+pub(crate) fn with_component(head: &[&str], component: &str, tail: &str) -> String {
+    let head_len: usize = head.iter().map(|part| part.len()).sum();
+    let mut out = String::with_capacity(head_len + component.len() + tail.len() + 4);
+    for part in head {
+        out.push_str(part);
+    }
+    escape_component_into(&mut out, component);
+    out.push_str(tail);
+    out
+}
+
 /// [`escape_component`], appending to `out`.
-pub(crate) fn escape_component_into(out: &mut String, text: &str) {
+fn escape_component_into(out: &mut String, text: &str) {
     for c in text.chars() {
         if matches!(c, '%' | '{' | '}' | ':') || c.is_control() {
             let mut buf = [0u8; 4];
@@ -182,15 +195,14 @@ mod tests {
         assert_ne!(escape_component("%7B"), escape_component("{"));
     }
 
-    /// `join` concatenates in one exact allocation; `escape_component_into` appends.
+    /// `join` concatenates in one exact allocation; `with_component` escapes the middle part.
     #[test]
     fn joining() {
         let key = join(&["rk:", "api:", "ünï"]);
         assert_eq!(key, "rk:api:ünï");
         assert_eq!(key.capacity(), key.len());
         assert_eq!(join(&[]), "");
-        let mut out = String::from("rk:s:{");
-        escape_component_into(&mut out, "a}b");
-        assert_eq!(out, "rk:s:{a%7Db");
+        assert_eq!(with_component(&["rk:", "s:{"], "a}b", "}"), "rk:s:{a%7Db}");
+        assert_eq!(with_component(&["rk:rl:"], "a:b", ""), "rk:rl:a%3Ab");
     }
 }

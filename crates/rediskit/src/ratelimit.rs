@@ -202,10 +202,7 @@ impl RateLimiter {
                 key.len()
             )));
         }
-        let mut redis_key = String::with_capacity(self.inner.prefix.len() + key.len() + 4);
-        redis_key.push_str(&self.inner.prefix);
-        keys::escape_component_into(&mut redis_key, key);
-        Ok(redis_key)
+        Ok(keys::with_component(&[&self.inner.prefix], key, ""))
     }
 
     /// Decides one request of `key`.

@@ -357,13 +357,11 @@ impl Sessions {
 
     fn user_key(&self, user: &str) -> Result<String> {
         check_user(user)?;
-        let prefix = self.inner.client.key_prefix();
-        let mut key = String::with_capacity(prefix.len() + user.len() + 8);
-        key.push_str(prefix);
-        key.push_str("s:{");
-        keys::escape_component_into(&mut key, user);
-        key.push('}');
-        Ok(key)
+        Ok(keys::with_component(
+            &[self.inner.client.key_prefix(), "s:{"],
+            user,
+            "}",
+        ))
     }
 
     fn idle_secs(&self) -> u32 {
