@@ -62,7 +62,9 @@ pub struct BenchArgs {
     /// DIR/throughput.svg.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
-    /// Connections of the client's pool (REDIS_MAX_CONNECTIONS), and of the raw_* baseline.
+    /// Connections of the client's pool (REDIS_MAX_CONNECTIONS). The pool shares the traffic
+    /// of as many of them as the runtime has worker threads first; the raw_* baseline deals that
+    /// many bare connections round robin.
     #[arg(long, default_value_t = rediskit::defaults::DEFAULT_MAX_CONNECTIONS)]
     pub connections: usize,
 }
@@ -140,7 +142,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let client = Client::connect(config)
         .await
         .map_err(|err| err.to_string())?;
-    let raw = match raw_connections(&args.url, args.connections).await {
+    let raw = match raw_connections(&args.url, raw_count(args.connections)).await {
         Ok(raw) => raw,
         Err(err) => {
             client.close().await;
@@ -235,6 +237,13 @@ async fn prepare_client(client: &Client) -> Result<(), String> {
         .load_scripts()
         .await
         .map_err(|err| format!("loading scripts: {err}"))
+}
+
+/// The bare connections of the raw_* baseline: as many as the library's pool spreads its calls
+/// over (one per worker thread, at most `--connections`), so that the two compare like for like.
+fn raw_count(connections: usize) -> usize {
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    connections.min(workers).max(1)
 }
 
 async fn raw_connections(url: &str, count: usize) -> Result<Vec<MultiplexedConnection>, String> {
@@ -453,11 +462,13 @@ fn round1(value: f64) -> f64 {
 
 fn print_table(args: &BenchArgs, measured: &[&Measured], skipped: &[(Workload, &str)]) {
     println!(
-        "rediskit bench: {} ops per workload, {} tasks, {}-byte values, {} connections, {}",
+        "rediskit bench: {} ops per workload, {} tasks, {}-byte values, {} connections \
+         (raw_*: {}), {}",
         args.ops,
         args.concurrency,
         args.value_size,
         args.connections,
+        raw_count(args.connections),
         redact_url(&args.url)
     );
     println!(

@@ -264,6 +264,8 @@ impl ConnectionLike for Conn {
 /// The Redis connections. Each slot counts its in-flight commands for the pool figures.
 struct Pool {
     connections: Box<[Slot]>,
+    /// How many of `connections` share the traffic first ([`spread_for`]).
+    spread: usize,
     next: AtomicUsize,
     /// The server this pool talks to, for Sentinel (to notice that the primary moved).
     address: Option<(String, u16)>,
@@ -1165,20 +1167,57 @@ fn ttl_millis(ttl: Duration) -> u64 {
 /// Commands in flight on a connection before callers move on to the next one.
 const PIPELINE_DEPTH: usize = 128;
 
+/// How many connections share the traffic before any is [`PIPELINE_DEPTH`] deep: one per worker
+/// thread of the runtime the pool is made in (one outside a runtime), at most `max`. Each
+/// connection is driven by one task, which writes, reads and parses for all its commands, so a
+/// single connection keeps one thread busy while the others wait for it; more connections than
+/// threads only split the batches thinner.
+fn spread_for(max: usize) -> usize {
+    let workers =
+        tokio::runtime::Handle::try_current().map_or(1, |runtime| runtime.metrics().num_workers());
+    workers.clamp(1, max.max(1))
+}
+
+/// The connection for the next command, of `count`: the callers take turns (`turn` counts them)
+/// on the first `spread`, skipping any with [`PIPELINE_DEPTH`] commands in flight; when all of
+/// those are that deep, the first other one that is not; `None` when every one is.
+///
+/// Turns, not the least busy: a connection whose replies are late (its task not yet run) would
+/// otherwise lose every new command to the others, and its callers would wait out the others'
+/// whole bursts (p99 ×4–8 at 64 tasks, measured; docs/benchmarks.md, session 4).
+fn choose(
+    count: usize,
+    spread: usize,
+    turn: usize,
+    load: impl Fn(usize) -> usize,
+) -> Option<usize> {
+    let spread = spread.clamp(1, count.max(1));
+    (0..count)
+        .map(|offset| {
+            if offset < spread {
+                (turn + offset) % spread
+            } else {
+                offset
+            }
+        })
+        .find(|&index| load(index) < PIPELINE_DEPTH)
+}
+
 impl Pool {
-    /// The connection for the next command: the first one with fewer than [`PIPELINE_DEPTH`]
-    /// commands in flight, so that concurrent callers share a connection and its writes (one
-    /// `write` carries many commands, one `read` many replies) instead of spreading thin over
-    /// all of them; when every connection is that busy, round robin.
+    /// The connection for the next command ([`choose`]): concurrent callers share a few
+    /// connections and their writes (one `write` carries many commands, one `read` many
+    /// replies) instead of spreading thin over all of them, and those few are driven on as many
+    /// threads as the runtime has. When every connection is deep, round robin over all.
     fn pick(&self) -> usize {
-        if let Some(index) = self
-            .connections
-            .iter()
-            .position(|slot| slot.in_flight.load(Ordering::Relaxed) < PIPELINE_DEPTH)
-        {
-            return index;
-        }
-        self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len()
+        let turn = if self.spread > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        choose(self.connections.len(), self.spread, turn, |index| {
+            self.connections[index].in_flight.load(Ordering::Relaxed)
+        })
+        .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len())
     }
 
     /// `max_connections` managed connections to one server (standalone, or the primary the
@@ -1208,6 +1247,7 @@ impl Pool {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
             next: AtomicUsize::new(0),
             address,
@@ -1259,6 +1299,7 @@ impl Pool {
             })
             .collect::<Vec<_>>();
         Ok(Self {
+            spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
             next: AtomicUsize::new(0),
             address: None,
@@ -1388,6 +1429,46 @@ async fn health_loop(inner: std::sync::Weak<Inner>, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Callers take turns on the first `spread` connections, skip a deep one, spill past them
+    /// only when all are deep, and get `None` when every connection is.
+    #[test]
+    fn commands_take_turns_on_the_spread() {
+        let idle = |_| 0;
+        let turns: Vec<_> = (0..6).map(|turn| choose(20, 2, turn, idle)).collect();
+        assert_eq!(turns, [0, 1, 0, 1, 0, 1].map(Some));
+        // One connection per caller when the spread is 1, whatever the turn.
+        assert!((0..5).all(|turn| choose(20, 1, turn, idle) == Some(0)));
+        // A deep connection loses its turn to the next of the spread.
+        let first_deep = |index| if index == 0 { PIPELINE_DEPTH } else { 0 };
+        assert_eq!(choose(20, 3, 0, first_deep), Some(1));
+        assert_eq!(choose(20, 3, 2, first_deep), Some(2));
+        // The whole spread deep: the first one past it with room.
+        let spread_deep = |index| if index < 2 { PIPELINE_DEPTH } else { 0 };
+        assert_eq!(choose(20, 2, 1, spread_deep), Some(2));
+        let all_deep = |_| PIPELINE_DEPTH;
+        assert_eq!(choose(4, 2, 0, all_deep), None);
+        // A spread wider than the pool is the pool.
+        assert_eq!(choose(2, 8, 3, idle), Some(1));
+    }
+
+    #[test]
+    fn the_spread_is_one_connection_per_worker_thread() {
+        assert_eq!(spread_for(20), 1, "outside a runtime");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(3)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            assert_eq!(spread_for(20), 3);
+            assert_eq!(spread_for(2), 2);
+            assert_eq!(spread_for(0), 1);
+        });
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        single.block_on(async { assert_eq!(spread_for(20), 1) });
+    }
 
     /// Slots as Redis computes them (values from `CLUSTER KEYSLOT`), hash tags included.
     #[test]

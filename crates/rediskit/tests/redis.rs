@@ -378,6 +378,29 @@ async fn burst_on_two_connections() {
     assert_eq!(clients.lines().count(), 3, "{clients}");
 }
 
+/// Calls take turns on one connection per runtime worker thread (here 3 of the 8), so each
+/// worker can drive a connection while the rest stay idle for bursts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn calls_share_one_connection_per_worker() {
+    let server = RedisServer::start();
+    let config = Config::builder()
+        .url(server.url())
+        .max_connections(8)
+        .build()
+        .unwrap();
+    let client = Client::connect(config).await.unwrap();
+    let cache = Cache::new(&client);
+    for i in 0..30 {
+        assert_eq!(cache.try_get::<i32>(&format!("k{i}")).await.unwrap(), None);
+    }
+    let clients: String = cmd(&server, &[b"CLIENT", b"LIST"]);
+    let used = clients
+        .lines()
+        .filter(|line| line.contains(" cmd=get "))
+        .count();
+    assert_eq!(used, 3, "{clients}");
+}
+
 /// A server that stops answering (SIGSTOP) makes calls time out at the deadline instead of
 /// hanging; after SIGCONT the same handle works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

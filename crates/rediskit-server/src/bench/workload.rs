@@ -173,8 +173,8 @@ impl Ctx {
         &self.prefix
     }
 
-    /// The next bare connection, round-robin per command (as the library's pool did until it
-    /// became fill-first; with `--connections 1` it is always the same one).
+    /// The next bare connection, round robin per command (one per worker thread, like the calls
+    /// of the library's pool; with `--connections 1` it is always the same one).
     fn raw_connection(&self) -> MultiplexedConnection {
         let index = self.raw_next.fetch_add(1, Ordering::Relaxed) % self.raw.len();
         self.raw[index].clone()
