@@ -9,6 +9,12 @@ use rediskit::web::RedisHealth;
 use rediskit::{Cache, Client, Sessions};
 use rediskit_server::{CACHE_NAMESPACE, ServiceConfig, Users};
 
+/// mimalloc, not the system allocator: each Redis call allocates a dozen small buffers (key,
+/// command, reply, channel), and glibc's malloc/free were a fifth of the caller's instructions
+/// (docs/decisions/0005-allocator.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// rediskit — sessions, cache and rate limiting over Redis, as a service.
 ///
 /// Without a subcommand it serves the HTTP API (`serve`). Configuration comes from the
