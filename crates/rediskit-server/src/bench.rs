@@ -142,7 +142,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let client = Client::connect(config)
         .await
         .map_err(|err| err.to_string())?;
-    let raw = match raw_connections(&args.url, raw_count(args.connections)).await {
+    let raw = match raw_connections(&args.url, raw_count(args.connections, workers())).await {
         Ok(raw) => raw,
         Err(err) => {
             client.close().await;
@@ -241,9 +241,13 @@ async fn prepare_client(client: &Client) -> Result<(), String> {
 
 /// The bare connections of the raw_* baseline: as many as the library's pool spreads its calls
 /// over (one per worker thread, at most `--connections`), so that the two compare like for like.
-fn raw_count(connections: usize) -> usize {
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+fn raw_count(connections: usize, workers: usize) -> usize {
     connections.min(workers).max(1)
+}
+
+/// Worker threads of the runtime the benchmark runs on.
+fn workers() -> usize {
+    tokio::runtime::Handle::current().metrics().num_workers()
 }
 
 async fn raw_connections(url: &str, count: usize) -> Result<Vec<MultiplexedConnection>, String> {
@@ -468,7 +472,7 @@ fn print_table(args: &BenchArgs, measured: &[&Measured], skipped: &[(Workload, &
         args.concurrency,
         args.value_size,
         args.connections,
-        raw_count(args.connections),
+        raw_count(args.connections, workers()),
         redact_url(&args.url)
     );
     println!(

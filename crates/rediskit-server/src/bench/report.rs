@@ -16,6 +16,8 @@ use super::{BenchArgs, Measured};
 #[derive(Debug, Clone)]
 pub(super) struct Machine {
     cpus: usize,
+    /// Worker threads of the benchmark's runtime.
+    workers: usize,
     cpu_model: Option<String>,
     os: String,
     redis_version: Option<String>,
@@ -50,6 +52,7 @@ impl Machine {
             .unwrap_or_default();
         Self {
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
+            workers: super::workers(),
             cpu_model,
             os: format!(
                 "{} {}{kernel}",
@@ -153,6 +156,11 @@ fn markdown(
     let _ = writeln!(out, "| OS | {} |", machine.os);
     let _ = writeln!(
         out,
+        "| client runtime | {} worker threads |",
+        machine.workers
+    );
+    let _ = writeln!(
+        out,
         "| redis-server | {} at `{}` |",
         machine.redis_version.as_deref().unwrap_or("unknown"),
         redact_url(&args.url)
@@ -177,11 +185,15 @@ fn markdown(
     let _ = writeln!(
         out,
         "{} operations per workload and concurrency, {}-byte values, {} keys (and rate-limit \
-         callers); the client's pool has {} connections and the `raw_*` baseline uses as many \
-         bare `redis` multiplexed connections. Each task awaits one operation at a time, so \
-         concurrency is the number of operations in flight. Redis and the benchmark share the \
-         machine's CPUs.\n",
-        args.ops, args.value_size, KEY_SPACE, args.connections
+         callers); the client's pool has {} connections, and calls take turns on {} of them \
+         (one per worker thread); the `raw_*` baseline deals as many bare `redis` multiplexed \
+         connections round robin. Each task awaits one operation at a time, so concurrency is \
+         the number of operations in flight. Redis and the benchmark share the machine's CPUs.\n",
+        args.ops,
+        args.value_size,
+        KEY_SPACE,
+        args.connections,
+        super::raw_count(args.connections, machine.workers)
     );
     let names: Vec<&str> = workloads.iter().map(|w| w.name()).collect();
     let _ = writeln!(
