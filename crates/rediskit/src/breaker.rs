@@ -161,7 +161,9 @@ impl Breaker {
         if available {
             if probe || self.state.load(Ordering::Acquire) != CLOSED {
                 self.close();
-            } else {
+            } else if self.failures.load(Ordering::Relaxed) != 0 {
+                // Only when there is something to reset: a store on every call would take the
+                // line from every other core's cache each time.
                 self.failures.store(0, Ordering::Relaxed);
             }
             return false;

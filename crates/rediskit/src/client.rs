@@ -266,7 +266,6 @@ struct Pool {
     connections: Box<[Slot]>,
     /// How many of `connections` share the traffic first ([`spread_for`]).
     spread: usize,
-    next: AtomicUsize,
     /// The server this pool talks to, for Sentinel (to notice that the primary moved).
     address: Option<(String, u16)>,
 }
@@ -1203,21 +1202,30 @@ fn choose(
         .find(|&index| load(index) < PIPELINE_DEPTH)
 }
 
+/// The calling thread's next turn: each thread deals its own calls in turn, so callers on
+/// different threads don't write (and pass between cores) one shared counter.
+fn next_turn() -> usize {
+    thread_local! {
+        static TURN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+    TURN.with(|turn| {
+        let next = turn.get().wrapping_add(1);
+        turn.set(next);
+        next
+    })
+}
+
 impl Pool {
     /// The connection for the next command ([`choose`]): concurrent callers share a few
     /// connections and their writes (one `write` carries many commands, one `read` many
     /// replies) instead of spreading thin over all of them, and those few are driven on as many
     /// threads as the runtime has. When every connection is deep, round robin over all.
     fn pick(&self) -> usize {
-        let turn = if self.spread > 1 {
-            self.next.fetch_add(1, Ordering::Relaxed)
-        } else {
-            0
-        };
+        let turn = if self.spread > 1 { next_turn() } else { 0 };
         choose(self.connections.len(), self.spread, turn, |index| {
             self.connections[index].in_flight.load(Ordering::Relaxed)
         })
-        .unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len())
+        .unwrap_or_else(|| next_turn() % self.connections.len())
     }
 
     /// `max_connections` managed connections to one server (standalone, or the primary the
@@ -1249,7 +1257,6 @@ impl Pool {
         Ok(Self {
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
-            next: AtomicUsize::new(0),
             address,
         })
     }
@@ -1301,7 +1308,6 @@ impl Pool {
         Ok(Self {
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
-            next: AtomicUsize::new(0),
             address: None,
         })
     }
