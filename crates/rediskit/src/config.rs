@@ -127,7 +127,9 @@ pub struct Config {
     /// Password, when not in the URL; takes precedence over one in the URL. Default: none.
     pub password: Option<Secret>,
     /// Connections kept open to Redis. Each is multiplexed: any number of concurrent calls share
-    /// them, so a burst queues instead of failing. Default: [`DEFAULT_MAX_CONNECTIONS`].
+    /// them, so a burst queues instead of failing. Calls take turns on one connection per worker
+    /// thread of the runtime the client is made in; the others take only bursts of more than 128
+    /// calls in flight on each of those. Default: [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
     /// Deadline for establishing a connection. Default: [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
