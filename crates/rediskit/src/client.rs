@@ -124,6 +124,16 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// A [`Client`] that does not keep it alive.
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Inner>);
+
+impl WeakClient {
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|inner| Client { inner })
+    }
+}
+
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
@@ -263,6 +273,8 @@ impl ConnectionLike for Conn {
 
 /// The Redis connections. Each slot counts its in-flight commands for the pool figures.
 struct Pool {
+    /// Tells pools apart (a new pool after a Sentinel failover gets a new id; ids are not reused).
+    id: u64,
     connections: Box<[Slot]>,
     /// How many of `connections` share the traffic first ([`spread_for`]).
     spread: usize,
@@ -464,6 +476,38 @@ impl Client {
         &self.inner.near
     }
 
+    /// A handle that does not keep the client alive (for its own background tasks).
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.inner))
+    }
+
+    /// For Sentinel: the id and address of the pool's primary now, asking the sentinels first if
+    /// no primary is known yet (bounded by the connect timeout).
+    pub(crate) async fn current_primary(&self) -> Result<(u64, (String, u16))> {
+        let pool = self.pool().await?;
+        let address = pool.address.clone().ok_or_else(|| {
+            Error::new(ErrorKind::Unavailable, "this pool has no primary address")
+        })?;
+        Ok((pool.id, address))
+    }
+
+    /// Whether the pool is still the one with `id` (no failover moved it since).
+    pub(crate) fn pool_is(&self, id: u64) -> bool {
+        self.inner
+            .redis
+            .load()
+            .as_ref()
+            .is_some_and(|pool| pool.id == id)
+    }
+
+    /// Takes the near-cache down before the pool moves to another server: from then on no entry
+    /// read through the old pool is served or kept, until tracking is up on the new one.
+    fn near_retarget(&self) {
+        if let Some(Some(tracker)) = self.inner.near.get() {
+            tracker.retarget();
+        }
+    }
+
     /// True once [`Client::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
@@ -623,7 +667,7 @@ impl Client {
 
     /// After a Sentinel-managed primary failed (or answered `READONLY`, having been demoted): ask
     /// the sentinels again until they name a primary that answers, and move the pool there.
-    fn follow_primary(&self) {
+    pub(crate) fn follow_primary(&self) {
         if self.inner.following.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -665,6 +709,7 @@ impl Client {
                 return false;
             }
         };
+        self.near_retarget();
         self.inner.redis.store(Some(pool));
         if self.is_closed() {
             self.inner.redis.store(None);
@@ -1202,6 +1247,11 @@ fn choose(
         .find(|&index| load(index) < PIPELINE_DEPTH)
 }
 
+fn next_pool_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// The calling thread's next turn: each thread deals its own calls in turn, so callers on
 /// different threads don't write (and pass between cores) one shared counter.
 fn next_turn() -> usize {
@@ -1255,6 +1305,7 @@ impl Pool {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            id: next_pool_id(),
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
             address,
@@ -1306,6 +1357,7 @@ impl Pool {
             })
             .collect::<Vec<_>>();
         Ok(Self {
+            id: next_pool_id(),
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
             address: None,

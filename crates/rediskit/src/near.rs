@@ -25,6 +25,11 @@
 //!   A `FLUSHALL`/`FLUSHDB` (a null invalidation) empties every store.
 //! - **Bounded age.** Every entry expires after [`NearCacheConfig::max_age`], and never later
 //!   than the key's own TTL in Redis (read with `PTTL` in the same round trip as the value).
+//! - **Sentinel**: the tracking connection goes to the server the client's pool uses, and only
+//!   while the pool uses it: it goes up only if the pool did not move while it connected, the
+//!   pool takes it down before moving, and on every ping it asks `ROLE`; a server that is no
+//!   longer the primary takes it down and sends the pool back to the sentinels. **Cluster**: off
+//!   (one tracking connection per primary, following resharding, is not written yet).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -37,9 +42,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use crate::client::{BackendKind, Client};
+use crate::client::{BackendKind, Client, WeakClient};
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// Entries a near-cache keeps unless configured otherwise.
 pub const DEFAULT_NEAR_CAPACITY: usize = 10_000;
@@ -187,6 +192,8 @@ enum Msg {
     Register(Weak<NearStore>),
     /// The connection of this generation was lost (from the push callback).
     Down(u64),
+    /// The client's pool is moving to another server (Sentinel): reconnect to follow it.
+    Retarget,
     /// The client was closed.
     Stop,
 }
@@ -323,6 +330,18 @@ impl Shared {
     }
 }
 
+/// Where the tracking connection goes.
+pub(crate) enum Target {
+    /// One server, always (plain Redis).
+    Fixed(Box<redis::Client>),
+    /// Wherever the client's pool is (Sentinel). The tracker goes up only while the pool still
+    /// uses the server it connected to and that server says it is a primary (`ROLE`), checks
+    /// the role again on every ping, and is taken down before the pool moves: a replica gets
+    /// no invalidations for the writes it replicates, so tracking a demoted primary would keep
+    /// values other instances changed on the new one.
+    Primary(WeakClient),
+}
+
 /// The near-cache machinery of one [`Client`]: the tracking task and the stores it feeds.
 pub(crate) struct Tracker {
     shared: Arc<Shared>,
@@ -351,22 +370,27 @@ impl Tracker {
         match client.backend() {
             BackendKind::Memory => None,
             // A cluster would need a tracking connection to every primary (and to follow
-            // resharding), a Sentinel set one that follows the primary through failovers. Until
-            // then reads there go to Redis every time: correct, only slower.
-            BackendKind::Cluster | BackendKind::Sentinel => {
+            // resharding). Until then reads there go to Redis every time: correct, only slower.
+            BackendKind::Cluster => {
                 tracing::warn!(
                     backend = client.backend().as_str(),
                     "near-cache not supported on this backend yet: reads go to Redis"
                 );
                 None
             }
+            BackendKind::Sentinel => Self::start(
+                Target::Primary(client.downgrade()),
+                Settings::of(client.config()),
+            ),
             BackendKind::Redis => {
                 let mut config = client.config().clone();
                 if let Some(url) = url {
                     config.url = url.to_owned();
                 }
                 match target(&config) {
-                    Ok(target) => Self::start(target, Settings::of(&config)),
+                    Ok(target) => {
+                        Self::start(Target::Fixed(Box::new(target)), Settings::of(&config))
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "near-cache disabled: no tracking target");
                         None
@@ -376,8 +400,8 @@ impl Tracker {
         }
     }
 
-    /// Starts tracking through `target` (a RESP3 client) on the current Tokio runtime.
-    pub(crate) fn start(target: redis::Client, settings: Settings) -> Option<Arc<Self>> {
+    /// Starts tracking through `target` on the current Tokio runtime.
+    pub(crate) fn start(target: Target, settings: Settings) -> Option<Arc<Self>> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("near-cache disabled: not within a Tokio runtime");
             return None;
@@ -405,6 +429,13 @@ impl Tracker {
         store
     }
 
+    /// The client's pool is about to move to another server: every store is emptied and refuses
+    /// entries until tracking is up again where the pool went.
+    pub(crate) fn retarget(&self) {
+        self.shared.down();
+        let _ = self.shared.tx.send(Msg::Retarget);
+    }
+
     /// Stops tracking for good (the client was closed): every store is emptied and stays off.
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
@@ -415,7 +446,11 @@ impl Tracker {
 
 /// The RESP3 client of the tracking connection, from `config` (TLS and credentials included).
 fn target(config: &Config) -> Result<redis::Client> {
-    let info = config.connection_info()?;
+    resp3_client(config, config.connection_info()?)
+}
+
+/// A RESP3 client for `info`, with `config`'s TLS settings.
+fn resp3_client(config: &Config, info: redis::ConnectionInfo) -> Result<redis::Client> {
     let settings = info
         .redis_settings()
         .clone()
@@ -462,7 +497,7 @@ impl Client {
 /// The tracking task: connect, track, apply, and start over when the connection is lost.
 async fn run(
     shared: Weak<Shared>,
-    target: redis::Client,
+    target: Target,
     settings: Settings,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
@@ -482,22 +517,40 @@ async fn run(
             (base, shared.generation.fetch_add(1, Ordering::SeqCst) + 1)
         };
         match connect(&shared, &target, settings, generation).await {
-            Ok((connection, tracked, prefixes)) => {
+            Ok((connection, tracked, prefixes, pool)) => {
                 let Some(strong) = shared.upgrade() else {
                     return;
                 };
-                if strong.try_up(base, &tracked) {
+                // Following a Sentinel pool: up only if it did not move while we connected (it
+                // takes the tracker down before it moves, so checking first, then going up only
+                // if the state did not change, leaves no gap).
+                let follow = match &target {
+                    Target::Primary(client) => Some(client),
+                    Target::Fixed(_) => None,
+                };
+                let same_pool = match (follow, pool) {
+                    (Some(client), Some(id)) => client.upgrade().is_some_and(|c| c.pool_is(id)),
+                    _ => true,
+                };
+                if same_pool && strong.try_up(base, &tracked) {
                     if failures > 0 {
                         tracing::info!("near-cache tracking connection is back");
                     }
                     failures = 0;
                     backoff = MIN_BACKOFF;
                     drop(strong);
-                    match serve(&shared, connection, prefixes, generation, settings, &mut rx).await
-                    {
+                    let serving = Serving {
+                        generation,
+                        settings,
+                        follow,
+                    };
+                    match serve(&shared, connection, prefixes, &serving, &mut rx).await {
                         Exit::Lost => tracing::warn!(
                             "near-cache tracking connection lost: near-caches emptied, reads go \
                              to Redis until it is back"
+                        ),
+                        Exit::Moved => tracing::info!(
+                            "near-cache emptied: Redis's primary moved; tracking follows it"
                         ),
                         Exit::Stop => {
                             if let Some(shared) = shared.upgrade() {
@@ -544,16 +597,44 @@ async fn run(
 
 enum Exit {
     Lost,
+    /// The pool moved, or the server stopped being a primary (Sentinel).
+    Moved,
     Stop,
 }
 
-/// Opens the tracking connection and tracks the prefix of every live store.
+/// What the serving loop needs to know of its connection.
+struct Serving<'a> {
+    generation: u64,
+    settings: Settings,
+    /// The client whose pool the connection follows (Sentinel): the server's role is checked
+    /// on every ping.
+    follow: Option<&'a WeakClient>,
+}
+
+/// Opens the tracking connection and tracks the prefix of every live store. Following a
+/// Sentinel pool, it connects to the pool's server, makes sure that is a primary and also
+/// returns the pool's id.
 async fn connect(
     shared: &Weak<Shared>,
-    target: &redis::Client,
+    target: &Target,
     settings: Settings,
     generation: u64,
-) -> Result<(MultiplexedConnection, Vec<Arc<NearStore>>, HashSet<String>)> {
+) -> Result<(
+    MultiplexedConnection,
+    Vec<Arc<NearStore>>,
+    HashSet<String>,
+    Option<u64>,
+)> {
+    let target_kind = target;
+    let (target, pool) = match target {
+        Target::Fixed(client) => (client.as_ref().clone(), None),
+        Target::Primary(client) => {
+            let client = client.upgrade().ok_or_else(Error::closed)?;
+            let (id, (host, port)) = client.current_primary().await?;
+            let info = client.config().connection_info_at(host, port)?;
+            (resp3_client(client.config(), info)?, Some(id))
+        }
+    };
     let weak = shared.clone();
     let callback = move |info: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
         if let Some(shared) = weak.upgrade() {
@@ -582,6 +663,19 @@ async fn connect(
         settings,
     )
     .await;
+    if pool.is_some() && !is_primary(&mut connection, settings).await? {
+        // The pool points at a replica (reads still work there, so it would not notice by
+        // itself): have it ask the sentinels again.
+        if let Target::Primary(client) = target_kind
+            && let Some(client) = client.upgrade()
+        {
+            client.follow_primary();
+        }
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            "the pool's server is not a primary (any more); waiting for the sentinels",
+        ));
+    }
     let stores = shared
         .upgrade()
         .map(|shared| shared.live_stores())
@@ -595,7 +689,24 @@ async fn connect(
         }
         call(&mut connection, &command, settings).await?;
     }
-    Ok((connection, stores, prefixes))
+    Ok((connection, stores, prefixes, pool))
+}
+
+/// Whether the server says it is a primary (`ROLE`), under the command deadline.
+async fn is_primary(connection: &mut MultiplexedConnection, settings: Settings) -> Result<bool> {
+    let deadline = settings.command_timeout;
+    let role: Value = tokio::time::timeout(deadline, redis::cmd("ROLE").query_async(connection))
+        .await
+        .map_err(|_| Error::timeout("near-cache tracking", deadline))?
+        .map_err(Error::from)?;
+    let Value::Array(fields) = role else {
+        return Ok(false);
+    };
+    Ok(match fields.first() {
+        Some(Value::BulkString(role)) => role == b"master",
+        Some(Value::SimpleString(role)) => role == "master",
+        _ => false,
+    })
 }
 
 /// One command on the tracking connection, under the command deadline.
@@ -616,10 +727,14 @@ async fn serve(
     shared: &Weak<Shared>,
     mut connection: MultiplexedConnection,
     mut tracked: HashSet<String>,
-    generation: u64,
-    settings: Settings,
+    serving: &Serving<'_>,
     rx: &mut mpsc::UnboundedReceiver<Msg>,
 ) -> Exit {
+    let Serving {
+        generation,
+        settings,
+        follow,
+    } = *serving;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
@@ -629,6 +744,7 @@ async fn serve(
                 None | Some(Msg::Stop) => return Exit::Stop,
                 Some(Msg::Down(lost)) if lost == generation => return Exit::Lost,
                 Some(Msg::Down(_)) => {}
+                Some(Msg::Retarget) => return Exit::Moved,
                 Some(Msg::Register(store)) => {
                     let (Some(store), Some(strong)) = (store.upgrade(), shared.upgrade()) else {
                         continue;
@@ -666,8 +782,23 @@ async fn serve(
                 }
             },
             _ = ping.tick() => {
-                if call(&mut connection, &redis::cmd("PING"), settings).await.is_err() {
-                    return Exit::Lost;
+                let answered = match follow {
+                    None => call(&mut connection, &redis::cmd("PING"), settings)
+                        .await
+                        .map(|()| true),
+                    Some(_) => is_primary(&mut connection, settings).await,
+                };
+                match answered {
+                    Ok(true) => {}
+                    // Demoted (a manual failover leaves its connections open): stop serving at
+                    // once, and move the pool along without waiting for a write to fail.
+                    Ok(false) => {
+                        if let Some(client) = follow.and_then(WeakClient::upgrade) {
+                            client.follow_primary();
+                        }
+                        return Exit::Moved;
+                    }
+                    Err(_) => return Exit::Lost,
                 }
                 if let Some(shared) = shared.upgrade() {
                     shared.pong();

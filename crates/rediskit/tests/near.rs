@@ -8,9 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use rediskit::{Cache, Client, NearCacheConfig, Sessions, TRACKING_CONNECTION_NAME};
+use rediskit::{Cache, Client, Config, NearCacheConfig, Sessions, TRACKING_CONNECTION_NAME};
 use rediskit_testkit::RedisServer;
 use rediskit_testkit::proxy::FaultProxy;
+use rediskit_testkit::sentinel::SentinelSetup;
 
 const SECRET: &str = "near-cache-tests-secret-0123456789abcdef";
 
@@ -473,4 +474,92 @@ async fn with_a_stale_window_only_fresh_values_are_held() {
     );
     assert_eq!(cache.stats().near.hits, near_hits);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// Behind Sentinel the near-cache tracks the server the pool uses and follows it through a
+/// failover: after a manual one (the old primary demoted, which the tracker learns from `ROLE`
+/// or from the sentinels closing its connection) it serves again, tracked on the new primary,
+/// and that primary's writes reach it within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_it_follows_the_primary_through_a_failover() {
+    let setup = std::sync::Arc::new(
+        tokio::task::spawn_blocking(SentinelSetup::start)
+            .await
+            .unwrap(),
+    );
+    let config = || {
+        Config::builder()
+            .url("redis://127.0.0.1:1/0")
+            .connect_timeout(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(500))
+            .sentinel(setup.sentinel_addrs(), setup.master_name())
+            .build()
+            .unwrap()
+    };
+    let reader = Client::connect(config()).await.unwrap();
+    let writer = Client::connect(config()).await.unwrap();
+    let held = near(
+        &reader,
+        NearCacheConfig::default().max_age(Duration::from_secs(60)),
+    );
+    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    other.set("k", "v1").await.unwrap();
+    until_near_hit(&held, "k").await;
+    other.set("k", "v2").await.unwrap();
+    until_value(&held, "k", Some("v2"), BOUND).await;
+    until_near_hit(&held, "k").await;
+
+    let failing_over = setup.clone();
+    let promoted = tokio::task::spawn_blocking(move || {
+        failing_over.failover();
+        failing_over.wait_for_failover(Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(promoted, setup.replica_port());
+    // The sentinels turn the old primary into a replica a little later; until then it still
+    // takes writes. Wait for that: the case under test is a demoted primary that still answers.
+    let demoted = setup.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let role: Vec<redis::Value> = redis::cmd("ROLE")
+                .query(&mut demoted.admin(demoted.primary_port()))
+                .unwrap();
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old primary was never demoted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    // Another instance writes on the new primary once its own pool has followed (its first
+    // writes may meet the demoted primary's READONLY). Asynchronous replication may have lost
+    // the older values in the failover, so the test goes on from this one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(err) = other.set("k", "v3").await {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never reached the new primary: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_value(&held, "k", Some("v3"), Duration::from_secs(2)).await;
+    // Tracking is up again, on the new primary: hits, and its invalidations arrive in time.
+    until_near_hit(&held, "k").await;
+    other.set("k", "v4").await.unwrap();
+    until_value(&held, "k", Some("v4"), BOUND).await;
+    let tracked: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut setup.admin(promoted))
+        .unwrap();
+    assert!(
+        tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")),
+        "no tracking connection on the new primary: {tracked}"
+    );
 }

@@ -170,6 +170,23 @@ impl SentinelSetup {
         self.primary.kill();
     }
 
+    /// Asks the sentinels for a failover without anything failing (`SENTINEL FAILOVER`): the
+    /// replica is promoted and the original primary turned into its replica, its clients'
+    /// connections left open. Wait for it with [`SentinelSetup::wait_for_failover`].
+    pub fn failover(&self) {
+        let port = self.sentinels[0].port();
+        let reply: Result<(), String> = query(
+            port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
+        );
+        if let Err(err) = reply {
+            panic!(
+                "sentinel {port} refused the failover: {err}\n{}",
+                self.logs()
+            );
+        }
+    }
+
     /// Waits until every sentinel reports a master other than the original primary, the same
     /// one, and that server says `role:master`; returns its port. Panics, with the processes'
     /// logs, after `timeout`.
