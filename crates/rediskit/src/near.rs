@@ -336,9 +336,9 @@ pub(crate) enum Target {
     Fixed(Box<redis::Client>),
     /// Wherever the client's pool is (Sentinel). The tracker goes up only while the pool still
     /// uses the server it connected to and that server says it is a primary (`ROLE`), checks
-    /// the role again on every ping, and is taken down before the pool moves: a replica gets
-    /// no invalidations for the writes it replicates, so tracking a demoted primary would keep
-    /// values other instances changed on the new one.
+    /// the role again on every ping, and is taken down before the pool moves: a tracker left
+    /// on a server the pool no longer reads from (and which may not replicate from the new
+    /// primary, say across a partition) would miss the writes made there.
     Primary(WeakClient),
 }
 
@@ -790,8 +790,8 @@ async fn serve(
                 };
                 match answered {
                     Ok(true) => {}
-                    // Demoted (a manual failover leaves its connections open): stop serving at
-                    // once, and move the pool along without waiting for a write to fail.
+                    // Demoted with this connection still open: stop serving at once, and move
+                    // the pool along without waiting for a write to fail.
                     Ok(false) => {
                         if let Some(client) = follow.and_then(WeakClient::upgrade) {
                             client.follow_primary();
