@@ -1434,10 +1434,7 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
         })
         .await;
         match role {
-            Ok(Ok(reply)) if matches!(reply.first(), Some(redis::Value::BulkString(role)) if role == b"master") =>
-            {
-                return Ok((host, port));
-            }
+            Ok(Ok(reply)) if says_primary(&reply) => return Ok((host, port)),
             Ok(Ok(_)) => {
                 last =
                     format!("{host}:{port}, named by sentinel {sentinel}, is not a primary (yet)")
@@ -1452,6 +1449,15 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
         ErrorKind::Unavailable,
         format!("no primary `{name}` found through the sentinels: {last}"),
     ))
+}
+
+/// Whether a `ROLE` reply is a primary's (`master`, in RESP2 or RESP3).
+pub(crate) fn says_primary(role: &[redis::Value]) -> bool {
+    match role.first() {
+        Some(redis::Value::BulkString(role)) => role == b"master",
+        Some(redis::Value::SimpleString(role)) => role == "master",
+        _ => false,
+    }
 }
 
 /// Pings every connection each `interval` while the handle lives, so a dead connection is

@@ -695,18 +695,12 @@ async fn connect(
 /// Whether the server says it is a primary (`ROLE`), under the command deadline.
 async fn is_primary(connection: &mut MultiplexedConnection, settings: Settings) -> Result<bool> {
     let deadline = settings.command_timeout;
-    let role: Value = tokio::time::timeout(deadline, redis::cmd("ROLE").query_async(connection))
-        .await
-        .map_err(|_| Error::timeout("near-cache tracking", deadline))?
-        .map_err(Error::from)?;
-    let Value::Array(fields) = role else {
-        return Ok(false);
-    };
-    Ok(match fields.first() {
-        Some(Value::BulkString(role)) => role == b"master",
-        Some(Value::SimpleString(role)) => role == "master",
-        _ => false,
-    })
+    let role: Vec<Value> =
+        tokio::time::timeout(deadline, redis::cmd("ROLE").query_async(connection))
+            .await
+            .map_err(|_| Error::timeout("near-cache tracking", deadline))?
+            .map_err(Error::from)?;
+    Ok(crate::client::says_primary(&role))
 }
 
 /// One command on the tracking connection, under the command deadline.
