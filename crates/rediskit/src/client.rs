@@ -1399,9 +1399,10 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
     for sentinel in &config.sentinel_nodes {
         let (host, port) = crate::config::parse_node(sentinel)
             .map_err(|why| Error::config(format!("sentinel_nodes: {why}")))?;
-        // Sentinels are asked without the data credentials, which they do not share.
+        // Sentinels are asked with their own credentials, if any: never the data ones, which
+        // they do not share.
         let asked = tokio::time::timeout(deadline, async {
-            let client = redis::Client::open(redis::ConnectionAddr::Tcp(host, port))?;
+            let client = redis::Client::open(sentinel_connection_info(config, host, port)?)?;
             let mut connection = client.get_multiplexed_async_connection().await?;
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
@@ -1449,6 +1450,24 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
         ErrorKind::Unavailable,
         format!("no primary `{name}` found through the sentinels: {last}"),
     ))
+}
+
+/// How to reach the sentinel at `host:port`: plain TCP, with the sentinels' credentials.
+fn sentinel_connection_info(
+    config: &Config,
+    host: String,
+    port: u16,
+) -> redis::RedisResult<redis::ConnectionInfo> {
+    use redis::IntoConnectionInfo;
+    let info = redis::ConnectionAddr::Tcp(host, port).into_connection_info()?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = &config.sentinel_username {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = &config.sentinel_password {
+        settings = settings.set_password(password.expose());
+    }
+    Ok(info.set_redis_settings(settings))
 }
 
 /// Whether a `ROLE` reply is a primary's (`master`, in RESP2 or RESP3).

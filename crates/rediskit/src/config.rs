@@ -172,6 +172,12 @@ pub struct Config {
     /// Name of the primary the sentinels monitor (`sentinel monitor <name> …`); required with
     /// [`Config::sentinel_nodes`]. Default: none.
     pub sentinel_master: Option<String>,
+    /// ACL user to authenticate to the sentinels as, when they have ACL users. Default: none.
+    pub sentinel_username: Option<String>,
+    /// Password the sentinels require (their `requirepass`, or [`Config::sentinel_username`]'s).
+    /// The data credentials ([`Config::password`], the URL's) are never sent to the sentinels:
+    /// they are a different server with users of their own. Default: none.
+    pub sentinel_password: Option<Secret>,
 }
 
 impl Default for Config {
@@ -194,6 +200,8 @@ impl Default for Config {
             cluster_nodes: Vec::new(),
             sentinel_nodes: Vec::new(),
             sentinel_master: None,
+            sentinel_username: None,
+            sentinel_password: None,
         }
     }
 }
@@ -219,6 +227,8 @@ impl fmt::Debug for Config {
             .field("cluster_nodes", &self.cluster_nodes)
             .field("sentinel_nodes", &self.sentinel_nodes)
             .field("sentinel_master", &self.sentinel_master)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &self.sentinel_password)
             .finish()
     }
 }
@@ -288,6 +298,7 @@ impl Config {
     /// | `REDIS_CLUSTER_NODES` | comma-separated `host:port` seeds of a Redis Cluster; wins over the URL's host | none |
     /// | `REDIS_SENTINEL_NODES` | comma-separated `host:port` sentinels | none |
     /// | `REDIS_SENTINEL_MASTER` | name of the primary the sentinels monitor | none |
+    /// | `REDIS_SENTINEL_USERNAME`, `REDIS_SENTINEL_PASSWORD` | credentials the sentinels require | none |
     ///
     /// Empty variables count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -320,6 +331,9 @@ impl Config {
         config.cluster_nodes = list("REDIS_CLUSTER_NODES")?;
         config.sentinel_nodes = list("REDIS_SENTINEL_NODES")?;
         config.sentinel_master = get("REDIS_SENTINEL_MASTER").map(|name| name.trim().to_owned());
+        config.sentinel_username =
+            get("REDIS_SENTINEL_USERNAME").map(|name| name.trim().to_owned());
+        config.sentinel_password = get("REDIS_SENTINEL_PASSWORD").map(Secret::new);
 
         config.url = match get("REDIS_URL") {
             Some(url) => {
@@ -499,6 +513,23 @@ impl Config {
             return Err(format!(
                 "{} and {}: a server is either a cluster or behind sentinels; set one of them",
                 names.cluster, names.sentinels
+            ));
+        }
+        if !sentinel && (self.sentinel_username.is_some() || self.sentinel_password.is_some()) {
+            return Err(format!(
+                "{}: set, but {} is empty; name the sentinels too",
+                names.credentials, names.sentinels
+            ));
+        }
+        if let Some(username) = &self.sentinel_username
+            && (username.is_empty()
+                || username
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(format!(
+                "{}: `{username}` is not a user name (no spaces or control characters)",
+                names.credentials
             ));
         }
         match (&self.sentinel_master, sentinel) {
@@ -690,6 +721,7 @@ struct TopologyNames {
     cluster: &'static str,
     sentinels: &'static str,
     master: &'static str,
+    credentials: &'static str,
 }
 
 impl TopologyNames {
@@ -697,11 +729,13 @@ impl TopologyNames {
         cluster: "cluster_nodes",
         sentinels: "sentinel_nodes",
         master: "sentinel_master",
+        credentials: "sentinel_username/sentinel_password",
     };
     const VARIABLES: Self = Self {
         cluster: "REDIS_CLUSTER_NODES",
         sentinels: "REDIS_SENTINEL_NODES",
         master: "REDIS_SENTINEL_MASTER",
+        credentials: "REDIS_SENTINEL_USERNAME/REDIS_SENTINEL_PASSWORD",
     };
 }
 
@@ -909,6 +943,18 @@ impl ConfigBuilder {
         self
     }
 
+    /// See [`Config::sentinel_username`] and [`Config::sentinel_password`]: the credentials the
+    /// sentinels require (`None` for a password-only `requirepass`).
+    pub fn sentinel_credentials(
+        mut self,
+        username: Option<&str>,
+        password: impl Into<Secret>,
+    ) -> Self {
+        self.config.sentinel_username = username.map(str::to_owned);
+        self.config.sentinel_password = Some(password.into());
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<Config> {
         self.config.validate()?;
@@ -1028,6 +1074,18 @@ mod tests {
             ),
             (&[("REDIS_SENTINEL_MASTER", "m")], "REDIS_SENTINEL_NODES"),
             (
+                &[("REDIS_SENTINEL_PASSWORD", "pw")],
+                "REDIS_SENTINEL_USERNAME/REDIS_SENTINEL_PASSWORD",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINEL_NODES", "s:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_SENTINEL_USERNAME", "two words"),
+                ],
+                "REDIS_SENTINEL_USERNAME",
+            ),
+            (
                 &[
                     ("REDIS_SENTINEL_NODES", "s:26379"),
                     ("REDIS_SENTINEL_MASTER", "m"),
@@ -1088,6 +1146,21 @@ mod tests {
         assert_eq!(info.redis_settings().db(), 2);
         assert_eq!(info.redis_settings().username(), Some("app"));
         assert!(!format!("{config:?}").contains("secret"));
+        // The data credentials stay with the data: the sentinels get only their own.
+        assert_eq!(config.sentinel_password, None);
+        let config = from(&[
+            ("REDIS_SENTINEL_NODES", "s1:26379"),
+            ("REDIS_SENTINEL_MASTER", "primary"),
+            ("REDIS_SENTINEL_USERNAME", "watcher"),
+            ("REDIS_SENTINEL_PASSWORD", "sentinel-pw"),
+        ])
+        .unwrap();
+        assert_eq!(config.sentinel_username.as_deref(), Some("watcher"));
+        assert_eq!(
+            config.sentinel_password.as_ref().map(Secret::expose),
+            Some("sentinel-pw")
+        );
+        assert!(!format!("{config:?}").contains("sentinel-pw"));
 
         let built = Config::builder()
             .cluster_nodes(["a:1", "b:2"])

@@ -338,6 +338,44 @@ async fn sentinel_errors_are_clear() {
     }
 }
 
+/// Sentinels that require a password are asked with the sentinels' own credentials (never the
+/// data ones); without them the error says the sentinels refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_require_a_password() {
+    let setup = tokio::task::spawn_blocking(|| {
+        SentinelSetup::start_with_sentinel_password("sentinel-secret")
+    })
+    .await
+    .unwrap();
+    let config = |password: Option<&str>| {
+        let mut builder = Config::builder()
+            .url("redis://127.0.0.1:1/0")
+            .connect_timeout(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(500))
+            .sentinel(setup.sentinel_addrs(), setup.master_name());
+        if let Some(password) = password {
+            builder = builder.sentinel_credentials(None, password);
+        }
+        builder.build().unwrap()
+    };
+    let client = Client::connect(config(Some("sentinel-secret")))
+        .await
+        .unwrap();
+    let cache = Cache::new(&client);
+    cache.set("k", &1).await.unwrap();
+    assert_eq!(cache.try_get::<i32>("k").await.unwrap(), Some(1));
+
+    for password in [None, Some("wrong")] {
+        let err = Client::connect(config(password)).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        let message = err.message().to_lowercase();
+        assert!(
+            message.contains("auth") || message.contains("password"),
+            "{err}"
+        );
+    }
+}
+
 /// With `wait_for_replicas`, a revocation returns once a replica has it; with the replica
 /// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

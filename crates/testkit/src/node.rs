@@ -72,8 +72,9 @@ impl Node {
             if let Some(mut child) = crate::launch(dir.path(), &args, || answers(port)) {
                 // `launch` only saw *something* answer on `port`. Under parallel tests that can
                 // be another test's server that took the port first, while ours is about to exit
-                // with "Address already in use": make sure the answer came from our process.
-                if serves(port, child.id()) {
+                // with "Address already in use": make sure the answer came from our process
+                // (which a node that requires a password, like a locked sentinel, cannot show).
+                if serves_unless_locked(port, child.id()) {
                     return Self {
                         child: Some(child),
                         port,
@@ -142,15 +143,8 @@ fn answers(port: u16) -> bool {
 }
 
 /// Whether the process answering on `port` is the one with process id `pid` (`INFO server`,
-/// which sentinels answer too).
-fn serves(port: u16, pid: u32) -> bool {
-    let info: redis::RedisResult<String> = try_connect(port, Duration::from_secs(2))
-        .and_then(|mut connection| redis::cmd("INFO").arg("server").query(&mut connection));
-    info.is_ok_and(|info| info_field(&info, "process_id") == Some(pid.to_string().as_str()))
-}
-
-/// [`serves`], for a server that may require a password: one that refuses `INFO` with `NOAUTH`
-/// cannot be told apart and counts as ours (the port was free a moment before).
+/// which sentinels answer too). A server that refuses `INFO` with `NOAUTH` (it requires a
+/// password) cannot be told apart and counts as ours (the port was free a moment before).
 pub(crate) fn serves_unless_locked(port: u16, pid: u32) -> bool {
     let info: redis::RedisResult<String> = try_connect(port, Duration::from_secs(2))
         .and_then(|mut connection| redis::cmd("INFO").arg("server").query(&mut connection));
@@ -164,7 +158,17 @@ pub(crate) fn serves_unless_locked(port: u16, pid: u32) -> bool {
 /// connect, reads and writes each give up after `timeout`: polling loops must not hang on a
 /// stopped or dead node.
 pub(crate) fn try_connect(port: u16, timeout: Duration) -> redis::RedisResult<redis::Connection> {
-    let connection = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+    try_connect_with(port, timeout, None)
+}
+
+/// [`try_connect`], authenticating with `password` when there is one.
+pub(crate) fn try_connect_with(
+    port: u16,
+    timeout: Duration,
+    password: Option<&str>,
+) -> redis::RedisResult<redis::Connection> {
+    let auth = password.map_or_else(String::new, |password| format!(":{password}@"));
+    let connection = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))?
         .get_connection_with_timeout(timeout)?;
     connection.set_read_timeout(Some(timeout))?;
     connection.set_write_timeout(Some(timeout))?;
@@ -241,6 +245,6 @@ mod tests {
 
         assert_ne!(node.port(), other.port());
         let pid = node.child.as_ref().map(Child::id).expect("a running node");
-        assert!(serves(node.port(), pid));
+        assert!(serves_unless_locked(node.port(), pid));
     }
 }

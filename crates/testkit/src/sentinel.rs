@@ -53,6 +53,8 @@ pub struct SentinelSetup {
     sentinels: Vec<Node>,
     primary: Node,
     replica: Node,
+    /// The sentinels' `requirepass`, if they have one.
+    sentinel_password: Option<String>,
 }
 
 impl SentinelSetup {
@@ -60,6 +62,17 @@ impl SentinelSetup {
     /// agreed (see the [module docs](self)). Panics, with the processes' logs, if that takes
     /// longer than 30 seconds.
     pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// [`SentinelSetup::start`] with sentinels that require `password` (`requirepass`; they
+    /// authenticate to each other with `sentinel sentinel-pass`). The primary and the replica
+    /// require none.
+    pub fn start_with_sentinel_password(password: &str) -> Self {
+        Self::launch(Some(password.to_owned()))
+    }
+
+    fn launch(sentinel_password: Option<String>) -> Self {
         let primary = start_server();
         let replica = start_server();
         // `REPLICAOF` connects at once; `--replicaof` waits for the once-a-second replication
@@ -73,6 +86,7 @@ impl SentinelSetup {
             sentinels: Vec::new(),
             primary,
             replica,
+            sentinel_password,
         };
         // Sentinels promote only a replica in sync, and read its state from both servers' INFO:
         // let them find it so from their first look.
@@ -103,6 +117,11 @@ impl SentinelSetup {
                  sentinel known-replica {MASTER_NAME} 127.0.0.1 {replica}\n",
                 id = ids[index],
             );
+            if let Some(password) = &self.sentinel_password {
+                config.push_str(&format!(
+                    "requirepass {password}\nsentinel sentinel-pass {password}\n"
+                ));
+            }
             for other in (0..SENTINELS).filter(|&other| other != index) {
                 config.push_str(&format!(
                     "sentinel known-sentinel {MASTER_NAME} 127.0.0.1 {} {}\n",
@@ -124,7 +143,7 @@ impl SentinelSetup {
         // A sentinel reconnects to an unreachable peer once per ping period, a second by default,
         // and whichever starts first finds its peers not listening yet.
         let port = sentinel.port();
-        let debug: Result<(), String> = query(
+        let debug: Result<(), String> = self.ask_sentinel(
             port,
             redis::cmd("SENTINEL")
                 .arg("DEBUG")
@@ -162,7 +181,8 @@ impl SentinelSetup {
     /// get-master-addr-by-name`).
     pub fn current_master(&self) -> (String, u16) {
         let port = self.sentinels[0].port();
-        master_addr(port).unwrap_or_else(|err| panic!("sentinel {port}: {err}"))
+        self.master_addr(port)
+            .unwrap_or_else(|err| panic!("sentinel {port}: {err}"))
     }
 
     /// Kills the original primary with SIGKILL (no shutdown, no save).
@@ -175,7 +195,7 @@ impl SentinelSetup {
     /// connections left open. Wait for it with [`SentinelSetup::wait_for_failover`].
     pub fn failover(&self) {
         let port = self.sentinels[0].port();
-        let reply: Result<(), String> = query(
+        let reply: Result<(), String> = self.ask_sentinel(
             port,
             redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER_NAME),
         );
@@ -204,7 +224,7 @@ impl SentinelSetup {
     fn successor(&self, old: u16) -> Result<u16, String> {
         let mut agreed: Option<u16> = None;
         for sentinel in &self.sentinels {
-            let (_, port) = master_addr(sentinel.port())?;
+            let (_, port) = self.master_addr(sentinel.port())?;
             if port == old || agreed.is_some_and(|a| a != port) {
                 return Err(format!(
                     "sentinel {} reports master {port}",
@@ -221,7 +241,8 @@ impl SentinelSetup {
         }
     }
 
-    /// A fresh synchronous connection to `port`: the primary, the replica or a sentinel.
+    /// A fresh synchronous connection to `port`: the primary, the replica or a sentinel (with the
+    /// sentinels' password, if they have one).
     pub fn admin(&self, port: u16) -> redis::Connection {
         let mut known = [self.primary.port(), self.replica.port()]
             .into_iter()
@@ -230,9 +251,15 @@ impl SentinelSetup {
             known.any(|p| p == port),
             "port {port} is not part of this sentinel setup"
         );
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(2)))
-            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"))
+        let sentinel = self.sentinels.iter().any(|node| node.port() == port);
+        let password = self.sentinel_password.as_deref().filter(|_| sentinel);
+        let connection = node::try_connect_with(port, Duration::from_secs(2), password)
+            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"));
+        // Admin commands may wait (a failover, a replica's sync): no read deadline.
+        connection
+            .set_read_timeout(None)
+            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"));
+        connection
     }
 
     /// Polls `gap` (what is missing, or `None` once ready) until it is `None`; panics with the
@@ -272,12 +299,12 @@ impl SentinelSetup {
         for sentinel in &self.sentinels {
             let port = sentinel.port();
             let check = || -> Result<(), String> {
-                let master = master_addr(port)?;
+                let master = self.master_addr(port)?;
                 if master != ("127.0.0.1".to_owned(), primary) {
                     return Err(format!("master is {master:?}"));
                 }
                 let state: HashMap<String, String> =
-                    query(port, redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME))?;
+                    self.ask_sentinel(port, redis::cmd("SENTINEL").arg("MASTER").arg(MASTER_NAME))?;
                 for (field, expected) in [
                     ("flags", "master".to_owned()),
                     ("num-slaves", "1".to_owned()),
@@ -288,7 +315,7 @@ impl SentinelSetup {
                         return Err(format!("{field} is {actual:?}"));
                     }
                 }
-                let replicas: Vec<HashMap<String, String>> = query(
+                let replicas: Vec<HashMap<String, String>> = self.ask_sentinel(
                     port,
                     redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME),
                 )?;
@@ -300,7 +327,7 @@ impl SentinelSetup {
                 if !known {
                     return Err(format!("replicas are {replicas:?}"));
                 }
-                let peers: Vec<HashMap<String, String>> = query(
+                let peers: Vec<HashMap<String, String>> = self.ask_sentinel(
                     port,
                     redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME),
                 )?;
@@ -320,6 +347,27 @@ impl SentinelSetup {
             }
         }
         None
+    }
+
+    /// `SENTINEL get-master-addr-by-name` on the sentinel on `port`.
+    fn master_addr(&self, port: u16) -> Result<(String, u16), String> {
+        self.ask_sentinel(
+            port,
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME),
+        )
+    }
+
+    /// `command` on the sentinel on `port`, with the sentinels' password if they have one.
+    fn ask_sentinel<T: redis::FromRedisValue>(
+        &self,
+        port: u16,
+        command: &redis::Cmd,
+    ) -> Result<T, String> {
+        node::try_connect_with(port, QUERY_TIMEOUT, self.sentinel_password.as_deref())
+            .and_then(|mut connection| command.query(&mut connection))
+            .map_err(|err| format!("sentinel {port}: {err}"))
     }
 
     /// The tail of every process's log, for panics.
@@ -378,16 +426,6 @@ fn run_id() -> String {
         .collect();
     id.truncate(40);
     id
-}
-
-/// `SENTINEL get-master-addr-by-name` on the sentinel on `port`.
-fn master_addr(port: u16) -> Result<(String, u16), String> {
-    query(
-        port,
-        redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
-            .arg(MASTER_NAME),
-    )
 }
 
 fn info(port: u16, section: &str) -> Result<String, String> {
