@@ -247,7 +247,9 @@ impl SessionsBuilder {
 
     /// Keeps the answers of [`Sessions::session`] in process memory, invalidated by Redis as
     /// soon as anything writes the user's sessions (see [`NearCacheConfig`] and the
-    /// [`Sessions`] docs). Does nothing on the embedded `memory://` backend. Default: off.
+    /// [`Sessions`] docs). Behind Sentinel it tracks the primary the pool uses; it does nothing
+    /// on the embedded `memory://` backend, nor on a Redis Cluster (for now, with a warning).
+    /// Default: off.
     pub fn near_cache(mut self, config: NearCacheConfig) -> Self {
         self.near = Some(config);
         self
