@@ -625,9 +625,8 @@ async fn connect(
     HashSet<String>,
     Option<u64>,
 )> {
-    let target_kind = target;
-    let (target, pool) = match target {
-        Target::Fixed(client) => (client.as_ref().clone(), None),
+    let (server, pool) = match target {
+        Target::Fixed(server) => (server.as_ref().clone(), None),
         Target::Primary(client) => {
             let client = client.upgrade().ok_or_else(Error::closed)?;
             let (id, (host, port)) = client.current_primary().await?;
@@ -650,7 +649,7 @@ async fn connect(
     let deadline = settings.connect_timeout + settings.command_timeout;
     let mut connection = tokio::time::timeout(
         deadline,
-        target.get_multiplexed_async_connection_with_config(&config),
+        server.get_multiplexed_async_connection_with_config(&config),
     )
     .await
     .map_err(|_| Error::timeout("connecting the near-cache tracking connection", deadline))??;
@@ -666,7 +665,7 @@ async fn connect(
     if pool.is_some() && !is_primary(&mut connection, settings).await? {
         // The pool points at a replica (reads still work there, so it would not notice by
         // itself): have it ask the sentinels again.
-        if let Target::Primary(client) = target_kind
+        if let Target::Primary(client) = target
             && let Some(client) = client.upgrade()
         {
             client.follow_primary();

@@ -383,11 +383,8 @@ async fn burst_on_two_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn calls_share_one_connection_per_worker() {
     let server = RedisServer::start();
-    let config = Config::builder()
-        .url(server.url())
-        .max_connections(8)
-        .build()
-        .unwrap();
+    let mut config = common::config(&server.url());
+    config.max_connections = 8;
     let client = Client::connect(config).await.unwrap();
     let cache = Cache::new(&client);
     for i in 0..30 {
