@@ -727,8 +727,13 @@ impl Cache {
         };
         // Another process (or a caller that finished just before we joined) may have stored it;
         // and among processes, the first to take the lease computes while the others wait for
-        // its value. The look and the bid go out together: one round trip, not two.
-        let (found, bid) = tokio::join!(self.read(redis_key), self.try_lease(key));
+        // its value. The look and the bid go out together, one round trip, on one connection:
+        // Redis runs them back to back, so no holder's store and release can fall between them.
+        let (found, bid) = self
+            .inner
+            .client
+            .in_order(async { tokio::join!(self.read(redis_key), self.try_lease(key)) })
+            .await;
         let found = match self.soft(found) {
             Ok(found) => found.flatten(),
             Err(err) => {
@@ -851,11 +856,18 @@ impl Cache {
                 return Err(err.into());
             }
         };
-        // The store and the release go out together (the store first): one round trip.
-        let (written, ()) = tokio::join!(
-            self.write(&flight.key, &bytes, ttl),
-            self.release_lease(lease)
-        );
+        // The store and the release go out together, the store first, on one connection (so
+        // Redis runs them in that order): one round trip.
+        let (written, ()) = self
+            .inner
+            .client
+            .in_order(async {
+                tokio::join!(
+                    self.write(&flight.key, &bytes, ttl),
+                    self.release_lease(lease)
+                )
+            })
+            .await;
         let _ = self.soft(written);
         flight.publish(Flight::Done(Arc::new(bytes)));
         Ok(value)

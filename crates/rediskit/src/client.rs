@@ -476,6 +476,18 @@ impl Client {
         &self.inner.near
     }
 
+    /// Runs `calls` with every Redis call of theirs on one connection, so that commands sent one
+    /// after the other (as `tokio::join!` first polls them) reach Redis in that order and back to
+    /// back, as one pipelined batch. The pool otherwise deals consecutive calls to different
+    /// connections, whose commands Redis may run in either order, interleaved with others'.
+    pub(crate) async fn in_order<F: Future>(&self, calls: F) -> F::Output {
+        let index = self.inner.redis.load().as_ref().map(|pool| pool.pick());
+        match index {
+            Some(index) => PINNED.scope(index, calls).await,
+            None => calls.await,
+        }
+    }
+
     /// A handle that does not keep the client alive (for its own background tasks).
     pub(crate) fn downgrade(&self) -> WeakClient {
         WeakClient(Arc::downgrade(&self.inner))
@@ -607,7 +619,13 @@ impl Client {
                 ),
             )
         })?;
-        let index = pool.pick();
+        // Inside `in_order`, the scope's connection (if this pool has it: Sentinel may have
+        // moved to a new pool meanwhile, of the same size).
+        let index = PINNED
+            .try_with(|index| *index)
+            .ok()
+            .filter(|&index| index < pool.connections.len())
+            .unwrap_or_else(|| pool.pick());
         let result = self.run_on(&pool, index, what, call).await;
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
         // reads still work.
@@ -1247,6 +1265,11 @@ fn choose(
         .find(|&index| load(index) < PIPELINE_DEPTH)
 }
 
+tokio::task_local! {
+    /// The connection every call of the current [`Client::in_order`] scope uses.
+    static PINNED: usize;
+}
+
 fn next_pool_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
@@ -1533,6 +1556,43 @@ mod tests {
         assert_eq!(choose(4, 2, 0, all_deep), None);
         // A spread wider than the pool is the pool.
         assert_eq!(choose(2, 8, 3, idle), Some(1));
+    }
+
+    /// Inside `in_order` every call uses one connection, though the pool would deal them to three
+    /// (one per worker thread): what keeps `get_or_set`'s paired commands in order.
+    #[test]
+    fn calls_in_order_share_one_connection() {
+        let server = rediskit_testkit::RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(3)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut config = Config::builder().url(server.url()).build().unwrap();
+            config.max_connections = 8;
+            let client = Client::connect(config).await.unwrap();
+            let cache = crate::Cache::new(&client);
+            client
+                .in_order(async {
+                    for i in 0..12 {
+                        let key = format!("k{i}");
+                        let (a, b) = tokio::join!(cache.try_get::<u8>(&key), cache.exists(&key));
+                        assert_eq!(a.unwrap(), None);
+                        assert!(!b.unwrap());
+                    }
+                })
+                .await;
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(&mut server.admin())
+                .unwrap();
+            let used = clients
+                .lines()
+                .filter(|line| line.contains(" cmd=get ") || line.contains(" cmd=exists "))
+                .count();
+            assert_eq!(used, 1, "{clients}");
+        });
     }
 
     #[test]
