@@ -419,24 +419,20 @@ impl Sessions {
             Some(memory) => memory.update_hash(&key, |map| engine::create(map, &args, unix_now())),
             None => {
                 let _forget = self.forget(&key);
-                let reply: (u32, u32, u32) = self
+                let packed = args.packed();
+                let raw: redis::Value = self
                     .inner
                     .client
                     .run("EVALSHA session_create", |mut c| async move {
                         crate::scripts::SESSION_CREATE
                             .key(&key)
                             .arg(args.sid)
-                            .arg(&args.hash[..])
-                            .arg(args.ttl)
-                            .arg(args.idle)
-                            .arg(args.max)
-                            .arg(args.device)
-                            .arg(args.metadata)
+                            .arg(&packed[..])
                             .invoke_async(&mut c)
                             .await
                     })
                     .await?;
-                reply
+                created_reply(raw, args.ttl)?
             }
         };
         self.inner.created.fetch_add(1, Ordering::Relaxed);
@@ -525,6 +521,7 @@ impl Sessions {
             Some(memory) => memory.update_hash(&key, |map| engine::rotate(map, &args, unix_now())),
             None => {
                 let _forget = self.forget(&key);
+                let packed = args.packed();
                 let raw: redis::Value = self
                     .inner
                     .client
@@ -532,12 +529,7 @@ impl Sessions {
                         crate::scripts::SESSION_ROTATE
                             .key(&key)
                             .arg(args.sid)
-                            .arg(args.generation)
-                            .arg(&args.presented[..])
-                            .arg(&args.next[..])
-                            .arg(args.ttl)
-                            .arg(args.idle)
-                            .arg(args.grace)
+                            .arg(&packed[..])
                             .invoke_async(&mut c)
                             .await
                     })
@@ -1090,6 +1082,57 @@ struct RotateArgs<'a> {
     ttl: u32,
     idle: u32,
     grace: u32,
+}
+
+impl CreateArgs<'_> {
+    /// `session_create.lua`'s ARGV[2]: the numbers and the hash packed big-endian, then the
+    /// record's tail (device length, device, metadata) exactly as the record stores it.
+    fn packed(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(12 + HASH_LEN + 1 + self.device.len() + self.metadata.len());
+        for value in [self.ttl, self.idle, self.max] {
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        out.extend_from_slice(self.hash);
+        // Devices are at most MAX_DEVICE_LEN (128) bytes, so the length fits in one byte.
+        out.push(self.device.len() as u8);
+        out.extend_from_slice(self.device.as_bytes());
+        out.extend_from_slice(self.metadata);
+        out
+    }
+}
+
+impl RotateArgs<'_> {
+    /// `session_rotate.lua`'s ARGV[2]: every number and both hashes, packed big-endian.
+    fn packed(&self) -> [u8; 16 + 2 * HASH_LEN] {
+        let mut out = [0u8; 16 + 2 * HASH_LEN];
+        out[..4].copy_from_slice(&self.generation.to_be_bytes());
+        out[4..4 + HASH_LEN].copy_from_slice(self.presented);
+        out[4 + HASH_LEN..4 + 2 * HASH_LEN].copy_from_slice(self.next);
+        for (at, value) in [self.ttl, self.idle, self.grace].into_iter().enumerate() {
+            let at = 4 + 2 * HASH_LEN + 4 * at;
+            out[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        out
+    }
+}
+
+/// `session_create.lua` answers `now` alone, or `{now, evicted}` when it evicted: one array
+/// fewer for redis-server to build on almost every create. Returns (now, expires, evicted).
+fn created_reply(value: redis::Value, ttl: u32) -> Result<(u32, u32, u32)> {
+    let bad = || Error::new(ErrorKind::Backend, "unexpected reply from session_create");
+    let int = |value: &redis::Value| match value {
+        redis::Value::Int(n) => u32::try_from(*n).map_err(|_| bad()),
+        _ => Err(bad()),
+    };
+    let (now, evicted) = match &value {
+        redis::Value::Int(_) => (int(&value)?, 0),
+        redis::Value::Array(items) if items.len() == 2 => (int(&items[0])?, int(&items[1])?),
+        _ => return Err(bad()),
+    };
+    // The script computes the expiry the same way, from the same two numbers.
+    let expires = now.checked_add(ttl).ok_or_else(bad)?;
+    Ok((now, expires, evicted))
 }
 
 enum RotateReply {

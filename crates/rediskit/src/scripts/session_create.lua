@@ -1,13 +1,14 @@
--- Create a session. ARGV: sid, secret hash, ttl secs, idle secs, max sessions, device, metadata.
--- Returns {now, expires_at, evicted}.
-local key, sid = KEYS[1], ARGV[1]
-local ttl, idle, max = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local device, metadata = ARGV[6], ARGV[7]
+-- Create a session. ARGV[1]: sid. ARGV[2], packed: >I4 ttl secs, >I4 idle secs, >I4 max
+-- sessions, c16 secret hash, then the record's tail (device length byte, device, metadata).
+-- (Numbers travel packed, not as decimal text: one argument instead of seven, and no tonumber;
+-- redis-server spent about a microsecond per call on the extra arguments.)
+-- Returns now; or {now, evicted} when older sessions were evicted to make room.
+local key, sid, packed = KEYS[1], ARGV[1], ARGV[2]
+local ttl, idle, max, hash = struct.unpack('>I4I4I4c16', packed)
 local now = now_secs()
 local expires = now + ttl
 local ends = ends_at(now, expires, idle)
-local rec = struct.pack(FMT, 0, ARGV[2], now, now, expires, now)
-  .. string.char(#device) .. device .. metadata
+local rec = struct.pack(FMT, 0, hash, now, now, expires, now) .. string.sub(packed, 29)
 -- Sweeping reads every session of the user: do it when the user has few (cheap, keeps small
 -- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
 -- create is O(1); ended sessions wait for the next sweep or for the key to expire.
@@ -41,4 +42,7 @@ else
   redis.call('HSET', key, sid, rec)
   extend(key, ends)
 end
-return {now, expires, evicted}
+if evicted > 0 then
+  return {now, evicted}
+end
+return now

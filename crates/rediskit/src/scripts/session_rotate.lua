@@ -1,10 +1,11 @@
--- Rotate a refresh token. ARGV: sid, presented generation, presented secret hash,
--- next secret hash, ttl secs, idle secs, grace secs.
+-- Rotate a refresh token. ARGV[1]: sid. ARGV[2], packed (see session_create.lua for why):
+-- >I4 presented generation, the presented secret hash as four >I4 words, c16 next secret hash,
+-- >I4 ttl secs, >I4 idle secs, >I4 grace secs.
 -- Returns the session's record at the next generation (a string: rotated now, or earlier within
 -- the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family was revoked).
 local key, sid = KEYS[1], ARGV[1]
-local presented = tonumber(ARGV[2])
-local ttl, idle, grace = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local presented, p1, p2, p3, p4, next_hash, ttl, idle, grace =
+  struct.unpack('>I4I4I4I4I4c16I4I4I4', ARGV[2])
 local now = now_secs()
 local rec = redis.call('HGET', key, sid)
 if not rec then
@@ -17,11 +18,11 @@ if ends_at(last, expires, idle) <= now then
   return 2
 end
 if presented == gen then
-  if not hash_eq(h1, h2, h3, h4, ARGV[3]) then
+  if not hash_eq(h1, h2, h3, h4, p1, p2, p3, p4) then
     return 0
   end
   local new_expires = now + ttl
-  local new_rec = struct.pack(FMT, gen + 1, ARGV[4], created, now, new_expires, now)
+  local new_rec = struct.pack(FMT, gen + 1, next_hash, created, now, new_expires, now)
     .. string.sub(rec, HEAD + 1)
   redis.call('HSET', key, sid, new_rec)
   extend(key, ends_at(now, new_expires, idle))
