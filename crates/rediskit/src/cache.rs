@@ -258,8 +258,8 @@ impl CacheBuilder {
     /// without a round trip until Redis reports their key changed; see [`NearCacheConfig`] and
     /// the [`Cache`] docs. Hot keys read far more often than written gain most. Each cache
     /// handle built with it has a near-cache of its own (clones share it). Behind Sentinel it
-    /// tracks the primary the pool uses; on the embedded `memory://` backend, and on a Redis
-    /// Cluster (for now, with a warning), it changes nothing. Default: off.
+    /// tracks the primary the pool uses, on a Redis Cluster every primary; on the embedded
+    /// `memory://` backend it changes nothing. Default: off.
     pub fn near_cache(mut self, config: NearCacheConfig) -> Self {
         self.near = Some(config);
         self

@@ -1146,26 +1146,38 @@ impl Client {
 
     /// The addresses of the cluster's primaries that serve slots, from `CLUSTER NODES`.
     async fn cluster_primaries(&self) -> Result<Vec<(String, u16)>> {
+        let (primaries, _) = self.cluster_view().await?;
+        Ok(primaries)
+    }
+
+    /// The cluster's live primaries that serve slots, and how many slots they serve between
+    /// them (all [`CLUSTER_SLOTS`] unless a failed primary's slots are not taken over yet).
+    pub(crate) async fn cluster_view(&self) -> Result<(Vec<(String, u16)>, usize)> {
         let text: String = self
             .run("CLUSTER NODES", |mut c| async move {
                 redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await
             })
             .await?;
-        let primaries = parse_cluster_primaries(&text);
+        let (primaries, slots) = parse_cluster_primaries(&text);
         if primaries.is_empty() {
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 "the cluster reports no primary serving slots",
             ));
         }
-        Ok(primaries)
+        Ok((primaries, slots))
     }
 }
 
-/// Primaries that serve at least one slot and are not failed, from `CLUSTER NODES` output:
+/// Hash slots in a Redis Cluster.
+pub(crate) const CLUSTER_SLOTS: usize = 16_384;
+
+/// Primaries that serve at least one slot and are not failed, and how many slots they serve,
+/// from `CLUSTER NODES` output:
 /// `<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong> <epoch> <link> <slot>...`.
-fn parse_cluster_primaries(text: &str) -> Vec<(String, u16)> {
+fn parse_cluster_primaries(text: &str) -> (Vec<(String, u16)>, usize) {
     let mut primaries = Vec::new();
+    let mut slots = 0;
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() < 9 {
@@ -1188,11 +1200,18 @@ fn parse_cluster_primaries(text: &str) -> Vec<(String, u16)> {
         let address = address.split('@').next().unwrap_or_default();
         if let Ok((host, port)) = crate::config::parse_node(address) {
             primaries.push((hostname.map_or(host, str::to_owned), port));
+            // `a-b` or `a`; `[a->-id]` and `[a-<-id]` mark slots being moved, not served.
+            for range in &fields[8..] {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(first), Ok(last)) = (first.parse::<usize>(), last.parse::<usize>()) {
+                    slots += (last + 1).saturating_sub(first);
+                }
+            }
         }
     }
     primaries.sort();
     primaries.dedup();
-    primaries
+    (primaries, slots)
 }
 
 /// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the first
@@ -1641,11 +1660,27 @@ f6 :0@0 master,noaddr - 0 0 6 disconnected 1-2
 ";
         assert_eq!(
             parse_cluster_primaries(text),
-            [
-                ("127.0.0.1".to_owned(), 7000),
-                ("127.0.0.1".to_owned(), 7001),
-                ("node-3".to_owned(), 7002)
-            ]
+            (
+                vec![
+                    ("127.0.0.1".to_owned(), 7000),
+                    ("127.0.0.1".to_owned(), 7001),
+                    ("node-3".to_owned(), 7002)
+                ],
+                CLUSTER_SLOTS
+            )
         );
+    }
+
+    /// Slots of a failed primary, single slots and slots being moved are counted as they are.
+    #[test]
+    fn cluster_nodes_slots_are_counted() {
+        let text = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
+b2 127.0.0.1:7001@17001 master,fail - 0 0 2 disconnected 5461-10922
+c3 127.0.0.1:7002@17002 master - 0 0 3 connected 10923 10924-16383
+";
+        let (primaries, slots) = parse_cluster_primaries(text);
+        assert_eq!(primaries.len(), 2);
+        assert_eq!(slots, 5461 + 1 + 5460);
     }
 }

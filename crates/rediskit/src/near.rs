@@ -28,8 +28,14 @@
 //! - **Sentinel**: the tracking connection goes to the server the client's pool uses, and only
 //!   while the pool uses it: it goes up only if the pool did not move while it connected, the
 //!   pool takes it down before moving, and on every ping it asks `ROLE`; a server that is no
-//!   longer the primary takes it down and sends the pool back to the sentinels. **Cluster**: off
-//!   (one tracking connection per primary, following resharding, is not written yet).
+//!   longer the primary takes it down and sends the pool back to the sentinels.
+//! - **Cluster**: one tracking connection per primary serving slots (each broadcasts the
+//!   writes made on it), all of one generation: losing any of them takes the near-cache down
+//!   until all are back. Every [`TOPOLOGY_INTERVAL`] the client asks the cluster for its
+//!   primaries (`CLUSTER NODES`); a different set (a failover, a node given slots) empties the
+//!   near-cache and reconnects to the new set. A primary's replicas also send invalidations for
+//!   the writes they replicate, so a promoted replica's writes are missed only when the old
+//!   primary is cut off from it, and then for at most that interval.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -42,9 +48,12 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use crate::client::{BackendKind, Client, WeakClient};
+use crate::client::{BackendKind, CLUSTER_SLOTS, Client, WeakClient};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+
+/// How often a cluster's tracker checks that it tracks every primary (see the module docs).
+pub const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Entries a near-cache keeps unless configured otherwise.
 pub const DEFAULT_NEAR_CAPACITY: usize = 10_000;
@@ -340,6 +349,8 @@ pub(crate) enum Target {
     /// on a server the pool no longer reads from (and which may not replicate from the new
     /// primary, say across a partition) would miss the writes made there.
     Primary(WeakClient),
+    /// Every primary of the client's cluster, re-read every [`TOPOLOGY_INTERVAL`].
+    Cluster(WeakClient),
 }
 
 /// The near-cache machinery of one [`Client`]: the tracking task and the stores it feeds.
@@ -369,15 +380,10 @@ impl Tracker {
     fn for_client(client: &Client, url: Option<&str>) -> Option<Arc<Self>> {
         match client.backend() {
             BackendKind::Memory => None,
-            // A cluster would need a tracking connection to every primary (and to follow
-            // resharding). Until then reads there go to Redis every time: correct, only slower.
-            BackendKind::Cluster => {
-                tracing::warn!(
-                    backend = client.backend().as_str(),
-                    "near-cache not supported on this backend yet: reads go to Redis"
-                );
-                None
-            }
+            BackendKind::Cluster => Self::start(
+                Target::Cluster(client.downgrade()),
+                Settings::of(client.config()),
+            ),
             BackendKind::Sentinel => Self::start(
                 Target::Primary(client.downgrade()),
                 Settings::of(client.config()),
@@ -517,22 +523,23 @@ async fn run(
             (base, shared.generation.fetch_add(1, Ordering::SeqCst) + 1)
         };
         match connect(&shared, &target, settings, generation).await {
-            Ok((connection, tracked, prefixes, pool)) => {
+            Ok(tracking) => {
                 let Some(strong) = shared.upgrade() else {
                     return;
                 };
                 // Following a Sentinel pool: up only if it did not move while we connected (it
                 // takes the tracker down before it moves, so checking first, then going up only
                 // if the state did not change, leaves no gap).
-                let follow = match &target {
-                    Target::Primary(client) => Some(client),
-                    Target::Fixed(_) => None,
+                let (follow, cluster) = match &target {
+                    Target::Primary(client) => (Some(client), None),
+                    Target::Cluster(client) => (None, Some((client, tracking.primaries))),
+                    Target::Fixed(_) => (None, None),
                 };
-                let same_pool = match (follow, pool) {
+                let same_pool = match (follow, tracking.pool) {
                     (Some(client), Some(id)) => client.upgrade().is_some_and(|c| c.pool_is(id)),
                     _ => true,
                 };
-                if same_pool && strong.try_up(base, &tracked) {
+                if same_pool && strong.try_up(base, &tracking.stores) {
                     if failures > 0 {
                         tracing::info!("near-cache tracking connection is back");
                     }
@@ -543,14 +550,16 @@ async fn run(
                         generation,
                         settings,
                         follow,
+                        cluster,
                     };
-                    match serve(&shared, connection, prefixes, &serving, &mut rx).await {
+                    let (connections, prefixes) = (tracking.connections, tracking.prefixes);
+                    match serve(&shared, connections, prefixes, &serving, &mut rx).await {
                         Exit::Lost => tracing::warn!(
                             "near-cache tracking connection lost: near-caches emptied, reads go \
                              to Redis until it is back"
                         ),
                         Exit::Moved => tracing::info!(
-                            "near-cache emptied: Redis's primary moved; tracking follows it"
+                            "near-cache emptied: Redis's primaries changed; tracking follows them"
                         ),
                         Exit::Stop => {
                             if let Some(shared) = shared.upgrade() {
@@ -602,38 +611,122 @@ enum Exit {
     Stop,
 }
 
-/// What the serving loop needs to know of its connection.
+/// What the serving loop needs to know of its connections.
 struct Serving<'a> {
     generation: u64,
     settings: Settings,
     /// The client whose pool the connection follows (Sentinel): the server's role is checked
     /// on every ping.
     follow: Option<&'a WeakClient>,
+    /// The client whose cluster is tracked, and the primaries tracked: the cluster's primaries
+    /// are compared with them every [`TOPOLOGY_INTERVAL`].
+    cluster: Option<(&'a WeakClient, Vec<(String, u16)>)>,
 }
 
-/// Opens the tracking connection and tracks the prefix of every live store. Following a
-/// Sentinel pool, it connects to the pool's server, makes sure that is a primary and also
-/// returns the pool's id.
+/// The tracking connections of one generation (one, except on a cluster: one per primary).
+struct Tracking {
+    connections: Vec<MultiplexedConnection>,
+    stores: Vec<Arc<NearStore>>,
+    prefixes: HashSet<String>,
+    /// Following a Sentinel pool: the id of the pool whose server was connected to.
+    pool: Option<u64>,
+    /// On a cluster: the primaries connected to, as the cluster named them.
+    primaries: Vec<(String, u16)>,
+}
+
+/// Opens the tracking connections and tracks the prefix of every live store on each. Following
+/// a Sentinel pool, it connects to the pool's server and makes sure that is a primary; on a
+/// cluster, to every primary serving slots.
 async fn connect(
     shared: &Weak<Shared>,
     target: &Target,
     settings: Settings,
     generation: u64,
-) -> Result<(
-    MultiplexedConnection,
-    Vec<Arc<NearStore>>,
-    HashSet<String>,
-    Option<u64>,
-)> {
-    let (server, pool) = match target {
-        Target::Fixed(server) => (server.as_ref().clone(), None),
+) -> Result<Tracking> {
+    let (servers, pool, primaries) = match target {
+        Target::Fixed(server) => (vec![server.as_ref().clone()], None, Vec::new()),
         Target::Primary(client) => {
             let client = client.upgrade().ok_or_else(Error::closed)?;
             let (id, (host, port)) = client.current_primary().await?;
             let info = client.config().connection_info_at(host, port)?;
-            (resp3_client(client.config(), info)?, Some(id))
+            (
+                vec![resp3_client(client.config(), info)?],
+                Some(id),
+                Vec::new(),
+            )
+        }
+        Target::Cluster(client) => {
+            let client = client.upgrade().ok_or_else(Error::closed)?;
+            let (primaries, slots) = client.cluster_view().await?;
+            // Mid-failover a dead primary's slots are nobody's yet: tracking the others only
+            // would miss the writes of whichever replica takes over. Wait until it has.
+            if slots < CLUSTER_SLOTS {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the cluster's live primaries serve {slots} of {CLUSTER_SLOTS} slots; \
+                         waiting for a failover"
+                    ),
+                ));
+            }
+            let servers = primaries
+                .iter()
+                .map(|(host, port)| {
+                    let info = client.config().connection_info_at(host.clone(), *port)?;
+                    resp3_client(client.config(), info)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (servers, None, primaries)
         }
     };
+    let mut connections = futures_util::future::try_join_all(
+        servers
+            .iter()
+            .map(|server| open(shared, server, settings, generation)),
+    )
+    .await?;
+    if pool.is_some() && !is_primary(&mut connections[0], settings).await? {
+        // The pool points at a replica (reads still work there, so it would not notice by
+        // itself): have it ask the sentinels again.
+        if let Target::Primary(client) = target
+            && let Some(client) = client.upgrade()
+        {
+            client.follow_primary();
+        }
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            "the pool's server is not a primary (any more); waiting for the sentinels",
+        ));
+    }
+    let stores = shared
+        .upgrade()
+        .map(|shared| shared.live_stores())
+        .unwrap_or_default();
+    let prefixes: HashSet<String> = stores.iter().map(|store| store.prefix.clone()).collect();
+    if !prefixes.is_empty() {
+        let mut command = redis::cmd("CLIENT");
+        command.arg("TRACKING").arg("ON").arg("BCAST");
+        for prefix in &prefixes {
+            command.arg("PREFIX").arg(prefix);
+        }
+        on_each(&connections, &command, settings).await?;
+    }
+    Ok(Tracking {
+        connections,
+        stores,
+        prefixes,
+        pool,
+        primaries,
+    })
+}
+
+/// One RESP3 tracking connection to `server`, its pushes applied to `shared` as `generation`.
+async fn open(
+    shared: &Weak<Shared>,
+    server: &redis::Client,
+    settings: Settings,
+    generation: u64,
+) -> Result<MultiplexedConnection> {
     let weak = shared.clone();
     let callback = move |info: PushInfo| -> std::result::Result<(), std::convert::Infallible> {
         if let Some(shared) = weak.upgrade() {
@@ -662,33 +755,21 @@ async fn connect(
         settings,
     )
     .await;
-    if pool.is_some() && !is_primary(&mut connection, settings).await? {
-        // The pool points at a replica (reads still work there, so it would not notice by
-        // itself): have it ask the sentinels again.
-        if let Target::Primary(client) = target
-            && let Some(client) = client.upgrade()
-        {
-            client.follow_primary();
-        }
-        return Err(Error::new(
-            ErrorKind::Unavailable,
-            "the pool's server is not a primary (any more); waiting for the sentinels",
-        ));
-    }
-    let stores = shared
-        .upgrade()
-        .map(|shared| shared.live_stores())
-        .unwrap_or_default();
-    let prefixes: HashSet<String> = stores.iter().map(|store| store.prefix.clone()).collect();
-    if !prefixes.is_empty() {
-        let mut command = redis::cmd("CLIENT");
-        command.arg("TRACKING").arg("ON").arg("BCAST");
-        for prefix in &prefixes {
-            command.arg("PREFIX").arg(prefix);
-        }
-        call(&mut connection, &command, settings).await?;
-    }
-    Ok((connection, stores, prefixes, pool))
+    Ok(connection)
+}
+
+/// `command` on every tracking connection at once; the first error if any failed.
+async fn on_each(
+    connections: &[MultiplexedConnection],
+    command: &redis::Cmd,
+    settings: Settings,
+) -> Result<()> {
+    futures_util::future::try_join_all(connections.iter().map(|connection| {
+        let mut connection = connection.clone();
+        async move { call(&mut connection, command, settings).await }
+    }))
+    .await
+    .map(drop)
 }
 
 /// Whether the server says it is a primary (`ROLE`), under the command deadline.
@@ -718,7 +799,7 @@ async fn call(
 /// While the connection lives: track new prefixes, ping, and notice its death.
 async fn serve(
     shared: &Weak<Shared>,
-    mut connection: MultiplexedConnection,
+    connections: Vec<MultiplexedConnection>,
     mut tracked: HashSet<String>,
     serving: &Serving<'_>,
     rx: &mut mpsc::UnboundedReceiver<Msg>,
@@ -727,7 +808,9 @@ async fn serve(
         generation,
         settings,
         follow,
+        ref cluster,
     } = *serving;
+    let mut topology_checked = Instant::now();
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
@@ -754,7 +837,7 @@ async fn serve(
                             .arg("BCAST")
                             .arg("PREFIX")
                             .arg(&store.prefix);
-                        match call(&mut connection, &command, settings).await {
+                        match on_each(&connections, &command, settings).await {
                             Ok(()) => {
                                 tracked.insert(store.prefix.clone());
                             }
@@ -776,10 +859,10 @@ async fn serve(
             },
             _ = ping.tick() => {
                 let answered = match follow {
-                    None => call(&mut connection, &redis::cmd("PING"), settings)
+                    None => on_each(&connections, &redis::cmd("PING"), settings)
                         .await
                         .map(|()| true),
-                    Some(_) => is_primary(&mut connection, settings).await,
+                    Some(_) => is_primary(&mut connections[0].clone(), settings).await,
                 };
                 match answered {
                     Ok(true) => {}
@@ -795,6 +878,25 @@ async fn serve(
                 }
                 if let Some(shared) = shared.upgrade() {
                     shared.pong();
+                }
+                if let Some((client, tracked)) = cluster
+                    && topology_checked.elapsed() >= TOPOLOGY_INTERVAL
+                {
+                    topology_checked = Instant::now();
+                    let Some(client) = client.upgrade() else {
+                        return Exit::Stop;
+                    };
+                    match client.cluster_view().await {
+                        Ok((primaries, slots)) if primaries != *tracked || slots < CLUSTER_SLOTS => {
+                            return Exit::Moved;
+                        }
+                        Ok(_) => {}
+                        // The pings above tell whether the tracked primaries are still there.
+                        Err(err) => tracing::debug!(
+                            error = %err,
+                            "near-cache: could not read the cluster's primaries"
+                        ),
+                    }
                 }
             }
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use rediskit::{Cache, Client, Config, NearCacheConfig, Sessions, TRACKING_CONNECTION_NAME};
 use rediskit_testkit::RedisServer;
+use rediskit_testkit::cluster::RedisCluster;
 use rediskit_testkit::proxy::FaultProxy;
 use rediskit_testkit::sentinel::SentinelSetup;
 
@@ -562,4 +563,84 @@ async fn behind_sentinel_it_follows_the_primary_through_a_failover() {
         tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")),
         "no tracking connection on the new primary: {tracked}"
     );
+}
+
+/// On a Cluster every primary is tracked: writes on each reach the near-cache within the bound.
+/// Killing a primary empties it; once the replica has taken over, tracking includes the
+/// promoted node (its writes arrive within the bound) and the near-cache serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let config = || {
+        let mut config = common::config("redis://127.0.0.1:1/0");
+        config.cluster_nodes = cluster.seeds();
+        config
+    };
+    let reader = Client::connect(config()).await.unwrap();
+    let writer = Client::connect(config()).await.unwrap();
+    let held = near(
+        &reader,
+        NearCacheConfig::default().max_age(Duration::from_secs(60)),
+    );
+    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    // One key on each primary.
+    let primaries = cluster.primaries();
+    assert_eq!(primaries.len(), 3);
+    let mut keys: Vec<(u16, String)> = Vec::new();
+    for i in 0.. {
+        let key = format!("k{i}");
+        let port = cluster.primary_for_key(&held.redis_key(&key).unwrap());
+        if !keys.iter().any(|(p, _)| *p == port) {
+            keys.push((port, key));
+        }
+        if keys.len() == primaries.len() {
+            break;
+        }
+    }
+    for (_, key) in &keys {
+        other.set(key, "v1").await.unwrap();
+        until_near_hit(&held, key).await;
+        other.set(key, "v2").await.unwrap();
+        until_value(&held, key, Some("v2"), BOUND).await;
+    }
+
+    let (victim, key) = keys[0].clone();
+    let (cluster, promoted) = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        cluster.kill(victim);
+        let promoted = cluster.wait_for_failover(victim, Duration::from_secs(30));
+        (cluster, promoted)
+    })
+    .await
+    .unwrap();
+    // The writer's cluster connection follows the new slot map on its own; retry until it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(err) = other.set(&key, "v3").await {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never reached the promoted primary: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_value(&held, &key, Some("v3"), Duration::from_secs(5)).await;
+    until_near_hit(&held, &key).await;
+    other.set(&key, "v4").await.unwrap();
+    until_value(&held, &key, Some("v4"), BOUND).await;
+    // The other primaries are still tracked too.
+    for (_, key) in &keys[1..] {
+        until_near_hit(&held, key).await;
+        other.set(key, "v5").await.unwrap();
+        until_value(&held, key, Some("v5"), BOUND).await;
+    }
+    let tracked: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut cluster.admin(promoted))
+        .unwrap();
+    assert!(
+        tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")),
+        "no tracking connection on the promoted primary: {tracked}"
+    );
+    assert!(held.stats().near.flushes >= 1, "the failover emptied it");
 }
