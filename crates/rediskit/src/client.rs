@@ -1418,9 +1418,15 @@ fn install_crypto_provider() {
 /// A redis crate client for `info`, with the configured TLS certificates.
 pub(crate) fn redis_client(config: &Config, info: redis::ConnectionInfo) -> Result<redis::Client> {
     install_crypto_provider();
+    // A private CA and/or a client certificate (mutual TLS), read from their PEM files, for a
+    // TLS address. (With sentinels over TLS, the data connection may still be plaintext.)
     #[cfg(feature = "tls")]
-    let client = match config.tls_certificates()? {
-        // A private CA and/or a client certificate (mutual TLS), read from their PEM files.
+    let certificates = match info.addr() {
+        redis::ConnectionAddr::TcpTls { .. } => config.tls_certificates()?,
+        _ => None,
+    };
+    #[cfg(feature = "tls")]
+    let client = match certificates {
         Some(certificates) => redis::Client::build_with_tls(info, certificates),
         None => redis::Client::open(info),
     };
@@ -1443,8 +1449,8 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
             .map_err(|why| Error::config(format!("sentinel_nodes: {why}")))?;
         // Sentinels are asked with their own credentials, if any: never the data ones, which
         // they do not share.
+        let client = sentinel_client(config, host, port)?;
         let asked = tokio::time::timeout(deadline, async {
-            let client = redis::Client::open(sentinel_connection_info(config, host, port)?)?;
             let mut connection = client.get_multiplexed_async_connection().await?;
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
@@ -1494,14 +1500,22 @@ async fn find_primary(config: &Config) -> Result<(String, u16)> {
     ))
 }
 
-/// How to reach the sentinel at `host:port`: plain TCP, with the sentinels' credentials.
-fn sentinel_connection_info(
-    config: &Config,
-    host: String,
-    port: u16,
-) -> redis::RedisResult<redis::ConnectionInfo> {
+/// A client for the sentinel at `host:port`, with the sentinels' credentials: over TLS with the
+/// data connection's CA and client certificate when [`Config::sentinel_tls`] is on, else plain
+/// TCP.
+fn sentinel_client(config: &Config, host: String, port: u16) -> Result<redis::Client> {
     use redis::IntoConnectionInfo;
-    let info = redis::ConnectionAddr::Tcp(host, port).into_connection_info()?;
+    let addr = if config.sentinel_tls {
+        redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp(host, port)
+    };
+    let info = addr.into_connection_info()?;
     let mut settings = info.redis_settings().clone();
     if let Some(username) = &config.sentinel_username {
         settings = settings.set_username(username);
@@ -1509,7 +1523,12 @@ fn sentinel_connection_info(
     if let Some(password) = &config.sentinel_password {
         settings = settings.set_password(password.expose());
     }
-    Ok(info.set_redis_settings(settings))
+    let info = info.set_redis_settings(settings);
+    if config.sentinel_tls {
+        redis_client(config, info)
+    } else {
+        Ok(redis::Client::open(info)?)
+    }
 }
 
 /// Whether a `ROLE` reply is a primary's (`master`, in RESP2 or RESP3).

@@ -178,6 +178,10 @@ pub struct Config {
     /// The data credentials ([`Config::password`], the URL's) are never sent to the sentinels:
     /// they are a different server with users of their own. Default: none.
     pub sentinel_password: Option<Secret>,
+    /// Reach the sentinels over TLS, trusting [`Config::tls_ca_file`] (else the system's roots)
+    /// and presenting [`Config::tls_cert_file`] if set, as the data connection does. Off: the
+    /// sentinels are asked in plaintext, whatever the URL's scheme. Default: off.
+    pub sentinel_tls: bool,
 }
 
 impl Default for Config {
@@ -202,6 +206,7 @@ impl Default for Config {
             sentinel_master: None,
             sentinel_username: None,
             sentinel_password: None,
+            sentinel_tls: false,
         }
     }
 }
@@ -229,6 +234,7 @@ impl fmt::Debug for Config {
             .field("sentinel_master", &self.sentinel_master)
             .field("sentinel_username", &self.sentinel_username)
             .field("sentinel_password", &self.sentinel_password)
+            .field("sentinel_tls", &self.sentinel_tls)
             .finish()
     }
 }
@@ -299,6 +305,7 @@ impl Config {
     /// | `REDIS_SENTINEL_NODES` | comma-separated `host:port` sentinels | none |
     /// | `REDIS_SENTINEL_MASTER` | name of the primary the sentinels monitor | none |
     /// | `REDIS_SENTINEL_USERNAME`, `REDIS_SENTINEL_PASSWORD` | credentials the sentinels require | none |
+    /// | `REDIS_SENTINEL_TLS` | `true`: reach the sentinels over TLS (same CA and client certificate as the data) | `false` |
     ///
     /// Empty variables count as unset.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
@@ -334,6 +341,17 @@ impl Config {
         config.sentinel_username =
             get("REDIS_SENTINEL_USERNAME").map(|name| name.trim().to_owned());
         config.sentinel_password = get("REDIS_SENTINEL_PASSWORD").map(Secret::new);
+        if let Some(value) = get("REDIS_SENTINEL_TLS") {
+            config.sentinel_tls = match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(Error::config(format!(
+                        "REDIS_SENTINEL_TLS: expected `true` or `false`, got `{value}`"
+                    )));
+                }
+            };
+        }
 
         config.url = match get("REDIS_URL") {
             Some(url) => {
@@ -476,9 +494,10 @@ impl Config {
         let Some((first, _)) = files.iter().find(|(_, path)| path.is_some()) else {
             return Ok(());
         };
-        if !self.url.trim().starts_with("rediss://") {
+        if !self.url.trim().starts_with("rediss://") && !self.sentinel_tls {
             return Err(Error::config(format!(
-                "{first}: TLS settings need a `rediss://` URL, but the URL is `{}`",
+                "{first}: TLS settings need a `rediss://` URL (or sentinels over TLS), but the \
+                 URL is `{}`",
                 redact_url(&self.url)
             )));
         }
@@ -513,6 +532,18 @@ impl Config {
             return Err(format!(
                 "{} and {}: a server is either a cluster or behind sentinels; set one of them",
                 names.cluster, names.sentinels
+            ));
+        }
+        if !sentinel && self.sentinel_tls {
+            return Err(format!(
+                "{}: set, but {} is empty; name the sentinels too",
+                names.tls, names.sentinels
+            ));
+        }
+        if self.sentinel_tls && !cfg!(feature = "tls") {
+            return Err(format!(
+                "{}: TLS needs rediskit's `tls` feature, which this build lacks",
+                names.tls
             ));
         }
         if !sentinel && (self.sentinel_username.is_some() || self.sentinel_password.is_some()) {
@@ -722,6 +753,7 @@ struct TopologyNames {
     sentinels: &'static str,
     master: &'static str,
     credentials: &'static str,
+    tls: &'static str,
 }
 
 impl TopologyNames {
@@ -730,12 +762,14 @@ impl TopologyNames {
         sentinels: "sentinel_nodes",
         master: "sentinel_master",
         credentials: "sentinel_username/sentinel_password",
+        tls: "sentinel_tls",
     };
     const VARIABLES: Self = Self {
         cluster: "REDIS_CLUSTER_NODES",
         sentinels: "REDIS_SENTINEL_NODES",
         master: "REDIS_SENTINEL_MASTER",
         credentials: "REDIS_SENTINEL_USERNAME/REDIS_SENTINEL_PASSWORD",
+        tls: "REDIS_SENTINEL_TLS",
     };
 }
 
@@ -955,6 +989,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// See [`Config::sentinel_tls`]: ask the sentinels over TLS.
+    pub fn sentinel_tls(mut self, on: bool) -> Self {
+        self.config.sentinel_tls = on;
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<Config> {
         self.config.validate()?;
@@ -1085,6 +1125,15 @@ mod tests {
                 ],
                 "REDIS_SENTINEL_USERNAME",
             ),
+            (&[("REDIS_SENTINEL_TLS", "true")], "REDIS_SENTINEL_NODES"),
+            (
+                &[
+                    ("REDIS_SENTINEL_NODES", "s:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_SENTINEL_TLS", "maybe"),
+                ],
+                "REDIS_SENTINEL_TLS",
+            ),
             (
                 &[
                     ("REDIS_SENTINEL_NODES", "s:26379"),
@@ -1161,6 +1210,14 @@ mod tests {
             Some("sentinel-pw")
         );
         assert!(!format!("{config:?}").contains("sentinel-pw"));
+        assert!(!config.sentinel_tls, "plaintext unless asked");
+        let config = from(&[
+            ("REDIS_SENTINEL_NODES", "s1:26379"),
+            ("REDIS_SENTINEL_MASTER", "primary"),
+            ("REDIS_SENTINEL_TLS", " TRUE "),
+        ])
+        .unwrap();
+        assert!(config.sentinel_tls);
 
         let built = Config::builder()
             .cluster_nodes(["a:1", "b:2"])

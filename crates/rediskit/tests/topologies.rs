@@ -376,6 +376,46 @@ async fn sentinels_that_require_a_password() {
     }
 }
 
+/// Sentinels that take clients over TLS: with `sentinel_tls` and the CA, the client finds the
+/// primary through them and works; without it (plaintext to a TLS port), or without the CA (an
+/// untrusted certificate), it cannot ask them and says so, as unavailable.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls() {
+    let setup = tokio::task::spawn_blocking(SentinelSetup::start_with_tls)
+        .await
+        .unwrap();
+    let config = |tls: bool, ca: bool| {
+        let mut config = Config::builder()
+            .url("redis://127.0.0.1:1/0")
+            .connect_timeout(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(500))
+            .sentinel(setup.tls_sentinel_addrs(), setup.master_name())
+            .sentinel_tls(tls)
+            .build()
+            .unwrap();
+        if ca {
+            config.tls_ca_file = Some(setup.ca_file());
+        }
+        config.validate().unwrap();
+        config
+    };
+    let client = Client::connect(config(true, true)).await.unwrap();
+    assert_eq!(client.health().await.backend, BackendKind::Sentinel);
+    let cache = Cache::new(&client);
+    cache.set("k", &1).await.unwrap();
+    assert_eq!(cache.try_get::<i32>("k").await.unwrap(), Some(1));
+
+    for (tls, ca) in [(false, false), (true, false)] {
+        let err = Client::connect(config(tls, ca)).await.unwrap_err();
+        assert!(err.is_unavailable(), "tls {tls}, ca {ca}: {err}");
+        assert!(
+            err.message().contains("sentinel"),
+            "tls {tls}, ca {ca}: {err}"
+        );
+    }
+}
+
 /// With `wait_for_replicas`, a revocation returns once a replica has it; with the replica
 /// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,7 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use crate::node::{self, LOG_LINES, Node, QUERY_TIMEOUT};
+use crate::tls::Certificates;
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER_NAME: &str = "rediskit-test";
@@ -55,6 +56,8 @@ pub struct SentinelSetup {
     replica: Node,
     /// The sentinels' `requirepass`, if they have one.
     sentinel_password: Option<String>,
+    /// With [`SentinelSetup::start_with_tls`]: the certificates, and each sentinel's TLS port.
+    tls: Option<(Certificates, Vec<u16>)>,
 }
 
 impl SentinelSetup {
@@ -62,17 +65,25 @@ impl SentinelSetup {
     /// agreed (see the [module docs](self)). Panics, with the processes' logs, if that takes
     /// longer than 30 seconds.
     pub fn start() -> Self {
-        Self::launch(None)
+        Self::launch(None, false)
     }
 
     /// [`SentinelSetup::start`] with sentinels that require `password` (`requirepass`; they
     /// authenticate to each other with `sentinel sentinel-pass`). The primary and the replica
     /// require none.
     pub fn start_with_sentinel_password(password: &str) -> Self {
-        Self::launch(Some(password.to_owned()))
+        Self::launch(Some(password.to_owned()), false)
     }
 
-    fn launch(sentinel_password: Option<String>) -> Self {
+    /// [`SentinelSetup::start`] with sentinels that also listen for TLS clients, on the ports of
+    /// [`SentinelSetup::tls_sentinel_addrs`], with a certificate signed by
+    /// [`SentinelSetup::ca_file`] (clients need not present one). They still talk to each other,
+    /// to the servers and to this harness in plaintext; the primary and the replica have no TLS.
+    pub fn start_with_tls() -> Self {
+        Self::launch(None, true)
+    }
+
+    fn launch(sentinel_password: Option<String>, tls: bool) -> Self {
         let primary = start_server();
         let replica = start_server();
         // `REPLICAOF` connects at once; `--replicaof` waits for the once-a-second replication
@@ -87,6 +98,7 @@ impl SentinelSetup {
             primary,
             replica,
             sentinel_password,
+            tls: tls.then(|| (Certificates::generate(), Vec::new())),
         };
         // Sentinels promote only a replica in sync, and read its state from both servers' INFO:
         // let them find it so from their first look.
@@ -94,8 +106,11 @@ impl SentinelSetup {
         let ports = node::free_ports(SENTINELS);
         let ids: Vec<String> = (0..SENTINELS).map(|_| run_id()).collect();
         for index in 0..SENTINELS {
-            let sentinel = setup.start_sentinel(index, &ports, &ids);
+            let (sentinel, tls_port) = setup.start_sentinel(index, &ports, &ids);
             setup.sentinels.push(sentinel);
+            if let (Some((_, tls_ports)), Some(port)) = (&mut setup.tls, tls_port) {
+                tls_ports.push(port);
+            }
         }
         setup.wait_until("the sentinels to agree", || setup.sentinel_gap());
         setup
@@ -104,8 +119,10 @@ impl SentinelSetup {
     /// Starts sentinel `index` on `ports[index]` (another port if that one is taken), naming the
     /// other sentinels by `ports` and `ids`. Should a retry move a sentinel, the others still
     /// name its old port until its first hello message corrects them: slower, not wrong.
-    fn start_sentinel(&self, index: usize, ports: &[u16], ids: &[String]) -> Node {
+    /// Returns the sentinel and, with TLS, the port it takes TLS clients on.
+    fn start_sentinel(&self, index: usize, ports: &[u16], ids: &[String]) -> (Node, Option<u16>) {
         let (primary, replica) = (self.primary.port(), self.replica.port());
+        let mut tls_port = None;
         let sentinel = Node::start("rediskit-test-sentinel-", ports[index], |port, dir| {
             let mut config = format!(
                 "bind 127.0.0.1\n\
@@ -120,6 +137,18 @@ impl SentinelSetup {
             if let Some(password) = &self.sentinel_password {
                 config.push_str(&format!(
                     "requirepass {password}\nsentinel sentinel-pass {password}\n"
+                ));
+            }
+            if let Some((certs, _)) = &self.tls {
+                // A fresh port per attempt, like the plaintext one.
+                let port = crate::free_port();
+                tls_port = Some(port);
+                config.push_str(&format!(
+                    "tls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-auth-clients no\n",
+                    certs.server_cert_file().display(),
+                    certs.server_key_file().display(),
+                    certs.ca_file().display(),
                 ));
             }
             for other in (0..SENTINELS).filter(|&other| other != index) {
@@ -151,7 +180,7 @@ impl SentinelSetup {
                 .arg(PING_PERIOD_MS),
         );
         debug.unwrap_or_else(|err| panic!("SENTINEL DEBUG on sentinel {port}: {err}"));
-        sentinel
+        (sentinel, tls_port)
     }
 
     /// The name the sentinels monitor the primary under ([`MASTER_NAME`]).
@@ -165,6 +194,26 @@ impl SentinelSetup {
             .iter()
             .map(|sentinel| format!("127.0.0.1:{}", sentinel.port()))
             .collect()
+    }
+
+    /// `"127.0.0.1:port"` of each sentinel's TLS listener ([`SentinelSetup::start_with_tls`];
+    /// empty otherwise).
+    pub fn tls_sentinel_addrs(&self) -> Vec<String> {
+        self.tls
+            .iter()
+            .flat_map(|(_, ports)| ports)
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The CA that signed the sentinels' TLS certificate ([`SentinelSetup::start_with_tls`]).
+    /// Panics for a setup without TLS.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        let (certs, _) = self
+            .tls
+            .as_ref()
+            .expect("a setup started with start_with_tls");
+        certs.ca_file()
     }
 
     /// The port of the original primary (killed by [`SentinelSetup::kill_primary`]).
