@@ -553,7 +553,13 @@ async fn run(
                         cluster,
                     };
                     let (connections, prefixes) = (tracking.connections, tracking.prefixes);
-                    match serve(&shared, connections, prefixes, &serving, &mut rx).await {
+                    let exit = serve(&shared, connections, prefixes, &serving, &mut rx).await;
+                    // Down at once, not after the pause below: a silent server or a new cluster
+                    // primary gives no other signal that the stores must stop serving.
+                    if let Some(shared) = shared.upgrade() {
+                        shared.down();
+                    }
+                    match exit {
                         Exit::Lost => tracing::warn!(
                             "near-cache tracking connection lost: near-caches emptied, reads go \
                              to Redis until it is back"
@@ -561,12 +567,7 @@ async fn run(
                         Exit::Moved => tracing::info!(
                             "near-cache emptied: Redis's primaries changed; tracking follows them"
                         ),
-                        Exit::Stop => {
-                            if let Some(shared) = shared.upgrade() {
-                                shared.down();
-                            }
-                            return;
-                        }
+                        Exit::Stop => return,
                     }
                 }
             }

@@ -644,3 +644,68 @@ async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
     );
     assert!(held.stats().near.flushes >= 1, "the failover emptied it");
 }
+
+/// A manual failover on a Cluster (`CLUSTER FAILOVER` on a replica) drops no connection: the old
+/// primary turns replica and keeps answering. The tracker notices the new set of primaries at its
+/// next topology check, empties the near-cache and tracks the promoted node too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_manual_failover_is_followed() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    let reader = Client::connect(config.clone()).await.unwrap();
+    let writer = Client::connect(config).await.unwrap();
+    let held = near(&reader, NearCacheConfig::default());
+    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    other.set("k", "v1").await.unwrap();
+    until_near_hit(&held, "k").await;
+
+    let primary = cluster.primary_for_key(&held.redis_key("k").unwrap());
+    let replica = cluster
+        .replicas()
+        .into_iter()
+        .find(|&port| {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut cluster.admin(port))
+                .unwrap();
+            info.contains(&format!("master_port:{primary}\r\n"))
+        })
+        .expect("the primary has a replica");
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut cluster.admin(replica))
+        .unwrap();
+    let flushes = held.stats().near.flushes;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tracked: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut cluster.admin(replica))
+            .unwrap();
+        if tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the promoted primary {replica} never got a tracking connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held.stats().near.flushes > flushes, "the move emptied it");
+    // Written on the promoted primary once the writer follows; seen within the bound.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(err) = other.set("k", "v2").await {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never followed: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_value(&held, "k", Some("v2"), Duration::from_secs(2)).await;
+    until_near_hit(&held, "k").await;
+    other.set("k", "v3").await.unwrap();
+    until_value(&held, "k", Some("v3"), BOUND).await;
+}
