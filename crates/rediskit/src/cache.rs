@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::client::Client;
+use crate::client::{BackendKind, Client};
 use crate::codec::{Codec, DecodeError};
 use crate::error::{Error, Result};
 use crate::keys;
@@ -1006,7 +1006,8 @@ impl Cache {
     }
 
     /// `get_many` with a near-cache: held keys from memory, the rest in one round trip (`MGET`
-    /// and their `PTTL`s), then kept.
+    /// and their `PTTL`s; on a cluster, whose pipelines may not span slots, each key's `GET` and
+    /// `PTTL` concurrently), then kept.
     async fn get_many_near<T: DeserializeOwned>(
         &self,
         near: &NearStore,
@@ -1029,32 +1030,54 @@ impl Cache {
         if missing.is_empty() {
             return Ok(out);
         }
-        let fetched: Option<(Vec<Option<Vec<u8>>>, Ttls)> = self.soft(
-            self.inner
-                .client
-                .run("MGET PTTL", |mut c| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("MGET");
-                    for (index, _) in &missing {
-                        pipe.arg(&redis_keys[*index]);
-                    }
-                    for (index, _) in &missing {
-                        pipe.cmd("PTTL").arg(&redis_keys[*index]);
-                    }
-                    async move {
-                        let mut reply: Vec<redis::Value> = pipe.query_async(&mut c).await?;
-                        let values = redis::from_redis_value(reply.remove(0))?;
-                        let ttls = reply
+        let fetched: Option<(Vec<Option<Vec<u8>>>, Ttls)> =
+            if self.inner.client.backend() == BackendKind::Cluster {
+                // A cluster pipeline may not span slots: each key on its own, concurrently.
+                let reads = missing
+                    .iter()
+                    .map(|(index, _)| self.inner.client.get_with_ttl(&redis_keys[*index]));
+                self.soft(futures_util::future::try_join_all(reads).await)?
+                    .map(|replies| {
+                        replies
                             .into_iter()
-                            .map(|ttl| {
-                                redis::from_redis_value::<i64>(ttl).map_err(redis::RedisError::from)
+                            .map(|reply| match reply {
+                                Some((bytes, ttl)) => {
+                                    (Some(bytes), ttl.map_or(-1, |ttl| ttl.as_millis() as i64))
+                                }
+                                None => (None, -2),
                             })
-                            .collect::<redis::RedisResult<Vec<i64>>>()?;
-                        Ok((values, ttls))
-                    }
-                })
-                .await,
-        )?;
+                            .unzip()
+                    })
+            } else {
+                self.soft(
+                    self.inner
+                        .client
+                        .run("MGET PTTL", |mut c| {
+                            let mut pipe = redis::pipe();
+                            pipe.cmd("MGET");
+                            for (index, _) in &missing {
+                                pipe.arg(&redis_keys[*index]);
+                            }
+                            for (index, _) in &missing {
+                                pipe.cmd("PTTL").arg(&redis_keys[*index]);
+                            }
+                            async move {
+                                let reply: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                                let mut reply = reply.into_iter();
+                                let mget = reply.next().unwrap_or(redis::Value::Nil);
+                                let values = redis::from_redis_value(mget)?;
+                                let ttls = reply
+                                    .map(|ttl| {
+                                        redis::from_redis_value::<i64>(ttl)
+                                            .map_err(redis::RedisError::from)
+                                    })
+                                    .collect::<redis::RedisResult<Vec<i64>>>()?;
+                                Ok((values, ttls))
+                            }
+                        })
+                        .await,
+                )?
+            };
         let Some((values, ttls)) = fetched else {
             return Ok(out);
         };
