@@ -943,7 +943,8 @@ impl Client {
         .await
     }
 
-    /// Writes every pair with the same TTL, atomically (`MULTI`/`EXEC`).
+    /// Writes every pair with the same TTL, atomically (one `set_many.lua`; one per slot on a
+    /// cluster).
     pub(crate) async fn mset(&self, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<()> {
         if items.is_empty() {
             return Ok(());
@@ -954,37 +955,32 @@ impl Client {
             return Ok(());
         }
         if self.inner.kind != BackendKind::Cluster {
-            return self.mset_atomic(items.iter(), ttl_ms).await;
+            return self.mset_atomic(items, ttl_ms).await;
         }
-        // A transaction cannot span slots: one per slot, sent concurrently.
+        // A script's keys cannot span slots: one per slot, sent concurrently.
         let mut by_slot: std::collections::BTreeMap<u16, Vec<&(String, Vec<u8>)>> =
             std::collections::BTreeMap::new();
         for item in items {
             by_slot.entry(key_slot(&item.0)).or_default().push(item);
         }
-        let writes = by_slot
-            .into_values()
-            .map(|group| self.mset_atomic(group.into_iter(), ttl_ms));
+        let groups: Vec<_> = by_slot.into_values().collect();
+        let writes = groups.iter().map(|group| self.mset_atomic(group, ttl_ms));
         futures_util::future::try_join_all(writes).await.map(|_| ())
     }
 
-    async fn mset_atomic<'a>(
+    async fn mset_atomic<I: std::borrow::Borrow<(String, Vec<u8>)>>(
         &self,
-        items: impl Iterator<Item = &'a (String, Vec<u8>)>,
+        items: &[I],
         ttl_ms: u64,
     ) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (key, value) in items {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_ms)
-                .ignore();
+        let mut call = crate::scripts::SET_MANY
+            .keys(items.iter().map(|item| item.borrow().0.as_str()))
+            .arg(ttl_ms);
+        for item in items {
+            call = call.arg(&item.borrow().1[..]);
         }
-        self.run("MULTI SET", |mut c| async move {
-            pipe.query_async::<()>(&mut c).await
+        self.run("EVALSHA set_many", |mut c| async move {
+            call.invoke_async::<()>(&mut c).await
         })
         .await
     }

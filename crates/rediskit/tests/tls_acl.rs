@@ -22,7 +22,7 @@ const PASSWORD: &str = "correct-horse-battery-staple";
 
 /// The permissions of rediskit's ACL user, exactly as `docs/redis-acl.md` gives them.
 const PERMISSIONS: &str = "~rk:* resetchannels -@all +ping +get +set +mget +del +exists +pttl \
-                           +scan +multi +exec +evalsha +script|load +time +hget +hgetall +hset \
+                           +scan +evalsha +script|load +time +hget +hgetall +hset \
                            +hdel +hlen +expireat";
 
 const ACL_DOC: &str = include_str!("../../../docs/redis-acl.md");
@@ -384,13 +384,6 @@ async fn every_permission_in_the_rule_is_needed() {
             failures.push(format!("everything worked without {dropped}"));
             continue;
         };
-        if TRANSACTION.contains(dropped) {
-            // redis 1.8.1 mishandles a refused MULTI or EXEC: a refused MULTI makes its
-            // connection task panic (an underflow in `PipelineSink::send_result`) and the caller
-            // sees a dropped connection; a refused EXEC is reported as an unparsable reply. The
-            // operation fails either way, but not with a readable permission error.
-            continue;
-        }
         let name = dropped.trim_start_matches('+');
         if err.kind() != ErrorKind::Backend || !is_permission_error(&err, Some(name)) {
             failures.push(format!(
@@ -401,9 +394,6 @@ async fn every_permission_in_the_rule_is_needed() {
 
     assert!(failures.is_empty(), "{failures:#?}");
 }
-
-/// The commands of `Cache::set_many`'s transaction.
-const TRANSACTION: [&str; 2] = ["+multi", "+exec"];
 
 /// Redis's refusals: `NOPERM … 'command'` for a command sent directly (naming `command`, if
 /// given); inside a script, "The user executing the script can't run this command" (or "access

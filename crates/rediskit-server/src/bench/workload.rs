@@ -22,7 +22,7 @@ const MISS_EVERY: u64 = 10;
 const SESSIONS: usize = 10_000;
 /// Requests in flight while preparing.
 const PREPARE_IN_FLIGHT: usize = 64;
-/// Entries per `MULTI`/pipeline while preloading keys.
+/// Entries per `set_many` (or pipeline, for the `raw_*` keys) while preloading keys.
 const PRELOAD_BATCH: usize = 500;
 /// Device name of the benchmark's sessions.
 const DEVICE: &str = "rediskit-bench";

@@ -22,10 +22,20 @@ impl Script {
         &self.0
     }
 
-    /// A call with one key (every rediskit script has exactly one).
+    /// A call with one key (every rediskit script but `set_many.lua` has exactly one).
     pub(crate) fn key(&'static self, key: &str) -> Call {
         let mut cmd = redis::Cmd::with_capacity(12, 96 + key.len());
         cmd.arg("EVALSHA").arg(self.0.get_hash()).arg(1).arg(key);
+        Call { script: self, cmd }
+    }
+
+    /// A call with `keys` (on a cluster they must share a slot).
+    pub(crate) fn keys<'a>(&'static self, keys: impl ExactSizeIterator<Item = &'a str>) -> Call {
+        let mut cmd = redis::Cmd::with_capacity(4 + 2 * keys.len(), 96);
+        cmd.arg("EVALSHA").arg(self.0.get_hash()).arg(keys.len());
+        for key in keys {
+            cmd.arg(key);
+        }
         Call { script: self, cmd }
     }
 }
@@ -86,14 +96,19 @@ session_script!(SESSION_ROTATE, "session_rotate.lua");
 session_script!(SESSION_REVOKE, "session_revoke.lua");
 session_script!(SESSION_REVOKE_ALL, "session_revoke_all.lua");
 
+/// `set_many.lua`: several keys written with one TTL, atomically.
+pub(crate) static SET_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("set_many.lua")));
+
 /// `gcra.lua`: one rate-limit decision.
 pub(crate) static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("gcra.lua")));
 
 /// Every script, for [`Client::load_scripts`](crate::Client::load_scripts).
-pub(crate) fn all() -> [&'static Script; 7] {
+pub(crate) fn all() -> [&'static Script; 8] {
     [
         &DEL_IF_EQUALS,
         &GET_WITH_PTTL,
+        &SET_MANY,
         &SESSION_CREATE,
         &SESSION_ROTATE,
         &SESSION_REVOKE,
