@@ -72,6 +72,38 @@ async fn until_value(
     }
 }
 
+/// Two clients of one deployment: on the first a near-cache of namespace "hot" keeping entries
+/// up to a minute, on the second a plain cache writing the same keys.
+async fn reader_and_writer(config: Config) -> (Cache, Cache) {
+    let reader = Client::connect(config.clone()).await.unwrap();
+    let writer = Client::connect(config).await.unwrap();
+    let held = near(
+        &reader,
+        NearCacheConfig::default().max_age(Duration::from_secs(60)),
+    );
+    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    (held, other)
+}
+
+/// Whether the server behind `admin` has a near-cache tracking connection (`CLIENT LIST`).
+fn has_tracking_connection(admin: &mut redis::Connection) -> bool {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(admin).unwrap();
+    list.contains(&format!(" name={TRACKING_CONNECTION_NAME} "))
+}
+
+/// Writes `key` = `value` through `cache` until a write is accepted, within 10 s: after a
+/// failover the writer's own connections follow the new primary in their own time.
+async fn write_until_accepted(cache: &Cache, key: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(err) = cache.set(key, value).await {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never reached the new primary: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn tracking_connection_id(server: &RedisServer) -> u64 {
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
@@ -497,13 +529,7 @@ async fn behind_sentinel_it_follows_the_primary_through_a_failover() {
             .build()
             .unwrap()
     };
-    let reader = Client::connect(config()).await.unwrap();
-    let writer = Client::connect(config()).await.unwrap();
-    let held = near(
-        &reader,
-        NearCacheConfig::default().max_age(Duration::from_secs(60)),
-    );
-    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    let (held, other) = reader_and_writer(config()).await;
     other.set("k", "v1").await.unwrap();
     until_near_hit(&held, "k").await;
     other.set("k", "v2").await.unwrap();
@@ -542,26 +568,15 @@ async fn behind_sentinel_it_follows_the_primary_through_a_failover() {
     // Another instance writes on the new primary once its own pool has followed (its first
     // writes may meet the demoted primary's READONLY). Asynchronous replication may have lost
     // the older values in the failover, so the test goes on from this one.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(err) = other.set("k", "v3").await {
-        assert!(
-            Instant::now() < deadline,
-            "the writer never reached the new primary: {err}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    write_until_accepted(&other, "k", "v3").await;
     until_value(&held, "k", Some("v3"), Duration::from_secs(2)).await;
     // Tracking is up again, on the new primary: hits, and its invalidations arrive in time.
     until_near_hit(&held, "k").await;
     other.set("k", "v4").await.unwrap();
     until_value(&held, "k", Some("v4"), BOUND).await;
-    let tracked: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut setup.admin(promoted))
-        .unwrap();
     assert!(
-        tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")),
-        "no tracking connection on the new primary: {tracked}"
+        has_tracking_connection(&mut setup.admin(promoted)),
+        "no tracking connection on the new primary"
     );
 }
 
@@ -578,13 +593,7 @@ async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
         config.cluster_nodes = cluster.seeds();
         config
     };
-    let reader = Client::connect(config()).await.unwrap();
-    let writer = Client::connect(config()).await.unwrap();
-    let held = near(
-        &reader,
-        NearCacheConfig::default().max_age(Duration::from_secs(60)),
-    );
-    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    let (held, other) = reader_and_writer(config()).await;
     // One key on each primary.
     let primaries = cluster.primaries();
     assert_eq!(primaries.len(), 3);
@@ -615,15 +624,7 @@ async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
     })
     .await
     .unwrap();
-    // The writer's cluster connection follows the new slot map on its own; retry until it has.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(err) = other.set(&key, "v3").await {
-        assert!(
-            Instant::now() < deadline,
-            "the writer never reached the promoted primary: {err}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    write_until_accepted(&other, &key, "v3").await;
     until_value(&held, &key, Some("v3"), Duration::from_secs(5)).await;
     until_near_hit(&held, &key).await;
     other.set(&key, "v4").await.unwrap();
@@ -634,13 +635,9 @@ async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
         other.set(key, "v5").await.unwrap();
         until_value(&held, key, Some("v5"), BOUND).await;
     }
-    let tracked: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut cluster.admin(promoted))
-        .unwrap();
     assert!(
-        tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")),
-        "no tracking connection on the promoted primary: {tracked}"
+        has_tracking_connection(&mut cluster.admin(promoted)),
+        "no tracking connection on the promoted primary"
     );
     assert!(held.stats().near.flushes >= 1, "the failover emptied it");
 }
@@ -655,10 +652,7 @@ async fn on_a_cluster_a_manual_failover_is_followed() {
         .unwrap();
     let mut config = common::config("redis://127.0.0.1:1/0");
     config.cluster_nodes = cluster.seeds();
-    let reader = Client::connect(config.clone()).await.unwrap();
-    let writer = Client::connect(config).await.unwrap();
-    let held = near(&reader, NearCacheConfig::default());
-    let other = Cache::builder(&writer).namespace("hot").build().unwrap();
+    let (held, other) = reader_and_writer(config).await;
     other.set("k", "v1").await.unwrap();
     until_near_hit(&held, "k").await;
 
@@ -674,20 +668,13 @@ async fn on_a_cluster_a_manual_failover_is_followed() {
             info.contains(&format!("master_port:{primary}\r\n"))
         })
         .expect("the primary has a replica");
+    let flushes = held.stats().near.flushes;
     let _: () = redis::cmd("CLUSTER")
         .arg("FAILOVER")
         .query(&mut cluster.admin(replica))
         .unwrap();
-    let flushes = held.stats().near.flushes;
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let tracked: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(&mut cluster.admin(replica))
-            .unwrap();
-        if tracked.contains(&format!(" name={TRACKING_CONNECTION_NAME} ")) {
-            break;
-        }
+    while !has_tracking_connection(&mut cluster.admin(replica)) {
         assert!(
             Instant::now() < deadline,
             "the promoted primary {replica} never got a tracking connection"
@@ -696,14 +683,7 @@ async fn on_a_cluster_a_manual_failover_is_followed() {
     }
     assert!(held.stats().near.flushes > flushes, "the move emptied it");
     // Written on the promoted primary once the writer follows; seen within the bound.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(err) = other.set("k", "v2").await {
-        assert!(
-            Instant::now() < deadline,
-            "the writer never followed: {err}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    write_until_accepted(&other, "k", "v2").await;
     until_value(&held, "k", Some("v2"), Duration::from_secs(2)).await;
     until_near_hit(&held, "k").await;
     other.set("k", "v3").await.unwrap();
