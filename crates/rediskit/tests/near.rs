@@ -689,3 +689,44 @@ async fn on_a_cluster_a_manual_failover_is_followed() {
     other.set("k", "v3").await.unwrap();
     until_value(&held, "k", Some("v3"), BOUND).await;
 }
+
+/// Resharding between tracked primaries: the slot of a held key moves to another primary. The
+/// old owner deletes the key as it migrates it (an invalidation), and writes on the new owner
+/// are invalidations from a primary already tracked: no stale read, before or after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_resharded_key_stays_coherent() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    let (held, other) = reader_and_writer(config).await;
+    other.set("k", "v1").await.unwrap();
+    until_near_hit(&held, "k").await;
+
+    let key = held.redis_key("k").unwrap();
+    let from = cluster.primary_for_key(&key);
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&port| port != from)
+        .unwrap();
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.move_slot_of(&key, to);
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.primary_for_key(&held.redis_key("k").unwrap()), to);
+    // Moved, not changed: still v1, and held again once read through the new owner.
+    assert_eq!(
+        held.get::<String>("k").await.unwrap().as_deref(),
+        Some("v1")
+    );
+    until_near_hit(&held, "k").await;
+    write_until_accepted(&other, "k", "v2").await;
+    until_value(&held, "k", Some("v2"), BOUND).await;
+    until_near_hit(&held, "k").await;
+    assert!(other.delete("k").await.unwrap());
+    until_value(&held, "k", None, BOUND).await;
+}

@@ -228,6 +228,70 @@ impl RedisCluster {
         }
     }
 
+    /// Reshards: moves the slot of `key` (and every key in it) from the primary serving it to
+    /// the primary on `to`, the way `redis-cli --cluster reshard` does (`SETSLOT IMPORTING` /
+    /// `MIGRATING`, `MIGRATE` of the slot's keys, then `SETSLOT NODE` on every primary).
+    /// Panics if a step fails or `to` already serves the slot.
+    pub fn move_slot_of(&self, key: &str, to: u16) {
+        let from = self.primary_for_key(key);
+        assert_ne!(from, to, "node {to} already serves the slot of {key:?}");
+        let ask = |port: u16, cmd: &mut redis::Cmd| -> redis::Value {
+            cmd.query(&mut self.admin(port))
+                .unwrap_or_else(|err| panic!("resharding, on node {port}: {err}"))
+        };
+        let id = |port: u16| -> String {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(&mut self.admin(port))
+                .unwrap_or_else(|err| panic!("CLUSTER MYID on node {port}: {err}"))
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut self.admin(from))
+            .unwrap_or_else(|err| panic!("CLUSTER KEYSLOT on node {from}: {err}"));
+        let setslot = |state: &str, node: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(node);
+            cmd
+        };
+        ask(to, &mut setslot("IMPORTING", &from_id));
+        ask(from, &mut setslot("MIGRATING", &to_id));
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query(&mut self.admin(from))
+                .unwrap_or_else(|err| panic!("CLUSTER GETKEYSINSLOT on node {from}: {err}"));
+            if keys.is_empty() {
+                break;
+            }
+            ask(
+                from,
+                redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(to)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("KEYS")
+                    .arg(&keys),
+            );
+        }
+        // The new owner first, then the old one, then the other primaries (as redis-cli does;
+        // replicas refuse SETSLOT and learn it by gossip).
+        let others: Vec<u16> = self
+            .primaries()
+            .into_iter()
+            .filter(|&p| p != to && p != from)
+            .collect();
+        for port in [to, from].into_iter().chain(others) {
+            ask(port, &mut setslot("NODE", &to_id));
+        }
+    }
+
     /// The number of keys across the running primaries (`DBSIZE` of each, summed).
     pub fn dbsize_total(&self) -> u64 {
         self.primaries()
