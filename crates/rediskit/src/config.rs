@@ -343,8 +343,9 @@ impl Config {
         config.sentinel_password = get("REDIS_SENTINEL_PASSWORD").map(Secret::new);
         if let Some(value) = get("REDIS_SENTINEL_TLS") {
             config.sentinel_tls = match value.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
+                // The same words as the service's own switches (NEAR_CACHE_SESSIONS, ...).
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
                 _ => {
                     return Err(Error::config(format!(
                         "REDIS_SENTINEL_TLS: expected `true` or `false`, got `{value}`"
