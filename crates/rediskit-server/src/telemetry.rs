@@ -109,6 +109,8 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     labelled("near_cache_races_total", near.races);
     labelled("near_cache_evictions_total", near.evictions);
     metrics::gauge!("near_cache_entries", "cache" => "sessions").set(near.entries as f64);
+    metrics::gauge!("near_cache_serving", "cache" => "sessions")
+        .set(f64::from(u8::from(near.serving)));
     metrics::gauge!("redis_breaker_open").set(f64::from(u8::from(
         client.breaker != rediskit::BreakerState::Closed,
     )));

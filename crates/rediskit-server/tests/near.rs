@@ -40,6 +40,8 @@ async fn logout_on_one_instance_reaches_anothers_near_cache_within_100ms() {
         }
         let metrics = b.get("/metrics").await.text;
         if sample(&metrics, hits) >= 1.0 {
+            let serving = r#"near_cache_serving{cache="sessions"}"#;
+            assert_eq!(sample(&metrics, serving), 1.0, "{metrics}");
             break;
         }
         assert!(
@@ -98,6 +100,10 @@ async fn the_session_near_cache_can_be_turned_off() {
     assert_eq!(
         sample(&metrics, r#"near_cache_hits_total{cache="sessions"}"#),
         0.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"near_cache_serving{cache="sessions"} 0"#),
         "{metrics}"
     );
 }

@@ -181,6 +181,10 @@ pub struct NearStats {
     pub evictions: u64,
     /// Entries held now.
     pub entries: u64,
+    /// Whether it serves reads now: tracking is up (and answered within the tracking lease) and
+    /// this near-cache's prefix is tracked. False while it is off, reconnecting or following a
+    /// failover, when every read goes to Redis.
+    pub serving: bool,
 }
 
 /// Where the tracker stands: `epoch << 1 | live`. A store serves and accepts entries only while
@@ -1228,6 +1232,7 @@ impl NearStore {
             races: self.races.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries,
+            serving: self.ready(Instant::now()).is_some(),
         }
     }
 }

@@ -226,6 +226,7 @@ async fn lost_tracking_connection_flushes_and_recovers() {
     let other = Cache::builder(&b).namespace("hot").build().unwrap();
     other.set("k", "v1").await.unwrap();
     until_near_hit(&held, "k").await;
+    assert!(held.stats().near.serving);
 
     let id = tracking_connection_id(&server);
     let _: () = redis::cmd("CLIENT")
@@ -266,14 +267,18 @@ async fn a_silent_redis_stops_the_near_cache_within_the_lease() {
     cache.set("k", "v1").await.unwrap();
     until_near_hit(&cache, "k").await;
 
+    assert!(cache.stats().near.serving);
     server.signal("STOP");
     tokio::time::sleep(rediskit::TRACKING_LEASE + Duration::from_millis(100)).await;
+    let serving = cache.stats().near.serving;
     let read = cache.try_get::<String>("k").await;
     server.signal("CONT");
 
+    assert!(!serving, "the stats say it still serves");
     let err = read.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     until_near_hit(&cache, "k").await;
+    assert!(cache.stats().near.serving);
 }
 
 /// An entry is served for at most the max age, however quiet its key.
