@@ -85,6 +85,17 @@ async fn reader_and_writer(config: Config) -> (Cache, Cache) {
     (held, other)
 }
 
+/// A fresh 3 + 3 Cluster and [`reader_and_writer`] on it.
+async fn on_a_cluster() -> (RedisCluster, Cache, Cache) {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    let (held, other) = reader_and_writer(config).await;
+    (cluster, held, other)
+}
+
 /// Whether the server behind `admin` has a near-cache tracking connection (`CLIENT LIST`).
 fn has_tracking_connection(admin: &mut redis::Connection) -> bool {
     let list: String = redis::cmd("CLIENT").arg("LIST").query(admin).unwrap();
@@ -590,15 +601,7 @@ async fn behind_sentinel_it_follows_the_primary_through_a_failover() {
 /// promoted node (its writes arrive within the bound) and the near-cache serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
-        .await
-        .unwrap();
-    let config = || {
-        let mut config = common::config("redis://127.0.0.1:1/0");
-        config.cluster_nodes = cluster.seeds();
-        config
-    };
-    let (held, other) = reader_and_writer(config()).await;
+    let (cluster, held, other) = on_a_cluster().await;
     // One key on each primary.
     let primaries = cluster.primaries();
     assert_eq!(primaries.len(), 3);
@@ -652,12 +655,7 @@ async fn on_a_cluster_every_primary_is_tracked_through_a_failover() {
 /// next topology check, empties the near-cache and tracks the promoted node too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_manual_failover_is_followed() {
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
-        .await
-        .unwrap();
-    let mut config = common::config("redis://127.0.0.1:1/0");
-    config.cluster_nodes = cluster.seeds();
-    let (held, other) = reader_and_writer(config).await;
+    let (cluster, held, other) = on_a_cluster().await;
     other.set("k", "v1").await.unwrap();
     until_near_hit(&held, "k").await;
 
@@ -700,12 +698,7 @@ async fn on_a_cluster_a_manual_failover_is_followed() {
 /// are invalidations from a primary already tracked: no stale read, before or after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_a_resharded_key_stays_coherent() {
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
-        .await
-        .unwrap();
-    let mut config = common::config("redis://127.0.0.1:1/0");
-    config.cluster_nodes = cluster.seeds();
-    let (held, other) = reader_and_writer(config).await;
+    let (cluster, held, other) = on_a_cluster().await;
     other.set("k", "v1").await.unwrap();
     until_near_hit(&held, "k").await;
 
