@@ -729,11 +729,18 @@ impl Cache {
         // and among processes, the first to take the lease computes while the others wait for
         // its value. The look and the bid go out together, one round trip, on one connection:
         // Redis runs them back to back, so no holder's store and release can fall between them.
-        let (found, bid) = self
+        let (mut found, bid) = self
             .inner
             .client
             .in_order(async { tokio::join!(self.read(redis_key), self.try_lease(key)) })
             .await;
+        // On a Cluster the value and its lease live on different nodes, so nothing orders the
+        // two: a holder's store and release can fall between our look and our bid. A holder
+        // there releases only once its store is acknowledged, so a second look after winning
+        // the bid sees any value stored before the lease came free (cold path only).
+        if self.spans_servers() && matches!(bid, TryLease::Taken(_)) && matches!(found, Ok(None)) {
+            found = self.read(redis_key).await;
+        }
         let found = match self.soft(found) {
             Ok(found) => found.flatten(),
             Err(err) => {
@@ -856,21 +863,35 @@ impl Cache {
                 return Err(err.into());
             }
         };
-        // The store and the release go out together, the store first, on one connection (so
-        // Redis runs them in that order): one round trip.
-        let (written, ()) = self
-            .inner
-            .client
-            .in_order(async {
-                tokio::join!(
-                    self.write(&flight.key, &bytes, ttl),
-                    self.release_lease(lease)
-                )
-            })
-            .await;
+        // The store, then the release: on one server they go out together on one connection (so
+        // Redis runs them in that order), one round trip; on a Cluster, where they go to different
+        // nodes, the release waits for the store's reply (see the second look above).
+        let written = if self.spans_servers() {
+            let written = self.write(&flight.key, &bytes, ttl).await;
+            self.release_lease(lease).await;
+            written
+        } else {
+            let (written, ()) = self
+                .inner
+                .client
+                .in_order(async {
+                    tokio::join!(
+                        self.write(&flight.key, &bytes, ttl),
+                        self.release_lease(lease)
+                    )
+                })
+                .await;
+            written
+        };
         let _ = self.soft(written);
         flight.publish(Flight::Done(Arc::new(bytes)));
         Ok(value)
+    }
+
+    /// Whether a value and its lease may be on different servers (a Cluster), where commands
+    /// sent together on one connection are not run in order.
+    fn spans_servers(&self) -> bool {
+        self.inner.client.backend() == BackendKind::Cluster
     }
 
     /// Tries to take the cross-process lease on `key`, without waiting.
@@ -903,19 +924,23 @@ impl Cache {
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
-            match self.inner.client.get(&redis_key).await {
-                Ok(Some(bytes)) => {
-                    if let Some(value) = self.decode_counted(&redis_key, Some(bytes)).await {
-                        return Lease::Waited(value);
-                    }
-                }
+            match self.read(&redis_key).await {
+                Ok(Some(value)) => return Lease::Waited(value),
                 Ok(None) => {}
                 Err(_) => return Lease::Held(None),
             }
-            // The holder gave up (failed, or was cancelled) without a value: compute here.
             match self.inner.client.exists(&lease_key).await {
                 Ok(true) => {}
-                Ok(false) | Err(_) => break,
+                Ok(false) => {
+                    // The lease is gone: either the holder stored its value and released it
+                    // since our look (holders release only after storing), or it gave up
+                    // without a value. One more look tells which.
+                    if let Ok(Some(value)) = self.read(&redis_key).await {
+                        return Lease::Waited(value);
+                    }
+                    break;
+                }
+                Err(_) => break,
             }
         }
         Lease::Held(None)

@@ -56,6 +56,46 @@ async fn cluster_lists_every_primary_and_batches_across_slots() {
     assert_eq!(cluster.dbsize_total(), 0);
 }
 
+/// On a Cluster a cold key's value and its lease live on different nodes, so nothing orders a
+/// holder's store and release against another process's look and bid. Two clients (two
+/// "processes") race on many cold keys at once: each key must still be computed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_cold_keys_are_computed_once_across_clients() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+        .await
+        .unwrap();
+    let caches = [
+        Cache::new(&cluster_client(&cluster).await),
+        Cache::new(&cluster_client(&cluster).await),
+    ];
+    const KEYS: u64 = 300;
+    let computed: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let calls = (0..KEYS).flat_map(|key| {
+        caches.iter().map({
+            let computed = computed.clone();
+            move |cache| {
+                let computed = computed.clone();
+                async move {
+                    cache
+                        .get_or_set(&format!("cold:{key}"), ttl::MEDIUM, || async move {
+                            computed[key as usize].fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            key
+                        })
+                        .await
+                        .unwrap()
+                }
+            }
+        })
+    });
+    let values = futures_util::future::join_all(calls).await;
+    assert!(values.iter().enumerate().all(|(i, &v)| v == i as u64 / 2));
+    let twice: Vec<u64> = (0..KEYS)
+        .filter(|&key| computed[key as usize].load(Ordering::SeqCst) != 1)
+        .collect();
+    assert!(twice.is_empty(), "computed more than once: keys {twice:?}");
+}
+
 /// Counts what a load loop saw.
 #[derive(Default)]
 struct Tally {
