@@ -9,6 +9,7 @@ use futures_util::Stream;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
+use crate::batch::Batcher;
 use crate::breaker::{Breaker, BreakerState};
 use crate::config::{Config, Scheme, redact_url};
 use crate::error::{Error, ErrorKind, Result};
@@ -104,12 +105,13 @@ pub struct Health {
 ///
 /// # Behavior
 ///
-/// - **Multiplexed.** The handle keeps [`Config::max_connections`] connections; each carries any
-///   number of concurrent commands, pipelined on the wire (auto-pipelining: concurrent callers'
-///   commands leave in one write). Callers fill the first connection up to 128 commands in flight
-///   before using the next, so commands batch instead of spreading thin. A burst of callers
-///   queues on them: it never fails with "too many connections". On a cluster each pooled
-///   connection holds one multiplexed connection per node.
+/// - **Multiplexed, auto-pipelined.** The handle keeps [`Config::max_connections`] connections;
+///   each carries any number of concurrent commands, pipelined on the wire. Callers take turns
+///   on one connection per runtime worker thread (the others take bursts deeper than 128
+///   commands), and once a few calls are in flight on a connection, the commands of concurrent
+///   callers queue and leave together, as one write (see `batch.rs`). A burst of callers queues
+///   on them: it never fails with "too many connections". On a cluster each pooled connection
+///   holds one multiplexed connection per node (not queued: a batch may not span nodes).
 /// - **Deadlines.** Every command is bounded by [`Config::command_timeout`]; a late answer is an
 ///   [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) error, never a hang.
 /// - **Reconnects by itself.** A connection that fails with an I/O error reconnects in the
@@ -233,11 +235,38 @@ impl Drop for Inner {
 }
 
 /// One pooled connection: a managed connection to one server, or a cluster connection that
-/// sends each command to the node owning its key's slot. Both multiplex.
+/// sends each command to the node owning its key's slot. All multiplex.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Single(ConnectionManager),
+    /// A managed connection whose concurrent callers' commands leave together (`batch`).
+    Single(Arc<Batcher>),
+    /// The same connection without the queue: commands leave in the order they are sent, for
+    /// [`Client::in_order`] scopes.
+    Direct(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Sends `cmd` and converts its reply, as `Cmd::query_async` does, but moving the command
+    /// into the batch instead of copying it.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let reply = match self {
+            Conn::Single(batcher) => batcher.send(cmd).await?,
+            other => other.req_packed_command(&cmd).await?,
+        };
+        Ok(redis::from_redis_value(reply.extract_error()?)?)
+    }
+
+    /// This connection for a call that must not be reordered with the caller's other calls.
+    fn ordered(&self) -> Conn {
+        match self {
+            Conn::Single(batcher) => Conn::Direct(batcher.connection().clone()),
+            other => other.clone(),
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -246,7 +275,8 @@ impl ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Conn::Single(connection) => connection.req_packed_command(cmd),
+            Conn::Single(batcher) => Box::pin(batcher.send(cmd.clone())),
+            Conn::Direct(connection) => connection.req_packed_command(cmd),
             Conn::Cluster(connection) => connection.req_packed_command(cmd),
         }
     }
@@ -258,14 +288,27 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
-            Conn::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            // A transaction's replies are aggregated by the connection itself: it goes as is.
+            Conn::Single(batcher) if pipeline.is_transaction() => {
+                let mut connection = batcher.connection().clone();
+                Box::pin(async move {
+                    connection
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                })
+            }
+            Conn::Single(batcher) => {
+                Box::pin(batcher.send_many(pipeline.cmd_iter().cloned().collect(), offset, count))
+            }
+            Conn::Direct(connection) => connection.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(connection) => connection.get_db(),
+            Conn::Single(batcher) => batcher.connection().get_db(),
+            Conn::Direct(connection) => connection.get_db(),
             Conn::Cluster(connection) => connection.get_db(),
         }
     }
@@ -621,12 +664,16 @@ impl Client {
         })?;
         // Inside `in_order`, the scope's connection (if this pool has it: Sentinel may have
         // moved to a new pool meanwhile, of the same size).
-        let index = PINNED
+        let pinned = PINNED
             .try_with(|index| *index)
             .ok()
-            .filter(|&index| index < pool.connections.len())
-            .unwrap_or_else(|| pool.pick());
-        let result = self.run_on(&pool, index, what, call).await;
+            .filter(|&index| index < pool.connections.len());
+        let result = match pinned {
+            // Sent as the scope sends them, not queued into batches that may leave in either
+            // order.
+            Some(index) => self.run_on(&pool, index, what, |c| call(c.ordered())).await,
+            None => self.run_on(&pool, pool.pick(), what, call).await,
+        };
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
         // reads still work.
         let failed = result.as_ref().is_err_and(Error::is_connection_failure);
@@ -883,10 +930,9 @@ impl Client {
             return Ok(memory.get(key));
         }
         self.run("GET", |mut c| async move {
-            command("GET", 1, key.len())
-                .arg(key)
-                .query_async(&mut c)
-                .await
+            let mut cmd = command("GET", 1, key.len());
+            cmd.arg(key);
+            c.query(cmd).await
         })
         .await
     }
@@ -919,13 +965,9 @@ impl Client {
             return Ok(());
         }
         self.run("SET", |mut c| async move {
-            command("SET", 4, key.len() + value.len() + 22)
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async::<()>(&mut c)
-                .await
+            let mut cmd = command("SET", 4, key.len() + value.len() + 22);
+            cmd.arg(key).arg(value).arg("PX").arg(ttl_ms);
+            c.query::<()>(cmd).await
         })
         .await
     }
@@ -1336,7 +1378,10 @@ impl Pool {
             .map(|_| {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                     .map(|connection| Slot {
-                        connection: Conn::Single(connection),
+                        connection: Conn::Single(Arc::new(Batcher::new(
+                            connection,
+                            config.command_timeout,
+                        ))),
                         in_flight: AtomicUsize::new(0),
                     })
                     .map_err(Error::from)

@@ -62,6 +62,7 @@
 //! - [`web`] (feature `axum`) — access tokens, the authenticated-session extractor, health router,
 //!   rate-limit layer, problem documents.
 
+mod batch;
 mod breaker;
 mod cache;
 mod client;

@@ -1,0 +1,444 @@
+//! Auto-pipelining: the commands of concurrent callers on one connection leave in one write.
+//!
+//! redis-rs's multiplexed connection already writes everything its task finds queued when it
+//! runs. But tokio runs a task woken by the running one right after it (the worker's LIFO
+//! slot), so each caller's command wakes the connection's task, which writes it nearly alone:
+//! at 64 tasks redis-server read ~5 commands per `read` (`INFO stats`), against 16 under
+//! `redis-benchmark -P 16`, and spent ~3.5 µs of CPU per `GET` on those small reads and writes.
+//!
+//! Here, once a few calls are in flight on a connection ([`BATCH_FROM`]; below that a call goes
+//! out at once), a caller puts its command in the connection's [`Batcher`] queue, and the caller
+//! that finds the queue empty starts a flush task. The flush yields once first — every task that is
+//! ready runs meanwhile, and those about to send queue their commands too — then sends the whole
+//! queue as one pipeline and hands each caller its reply. Callers keep their own deadlines; the
+//! flush has the command deadline too, and runs on its own, so a caller that gives up (its
+//! deadline, or its future dropped) never loses the others' commands.
+//!
+//! Commands of one caller still reach Redis in the order it awaits them. Commands of different
+//! callers queued on different flushes may leave in either order, as on different connections;
+//! [`crate::Client`]'s ordered scopes therefore bypass the queue (see [`Conn::Direct`]).
+//!
+//! [`Conn::Direct`]: crate::client::Conn::Direct
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, RedisError, RedisResult, Value};
+use tokio::sync::oneshot;
+
+/// Commands one flush sends at most; the rest go in the next flush, started at once.
+pub(crate) const MAX_BATCH: usize = 512;
+
+/// A call queues for the next batch only when this many calls are in flight on its connection
+/// already; fewer go out at once. Measured at 8 tasks over two connections (docs/benchmarks.md,
+/// session 6): queueing from the first call in flight cost 10–25 % of the throughput there,
+/// from the fourth nothing, and at 64 tasks the two are level.
+pub(crate) const BATCH_FROM: usize = 4;
+
+/// The queue of one managed connection.
+pub(crate) struct Batcher {
+    connection: ConnectionManager,
+    deadline: Duration,
+    queue: Mutex<Queue>,
+    /// Calls in flight through this queue (or past it).
+    active: AtomicUsize,
+}
+
+/// Counts a call in flight while it lives, however it ends.
+struct Active<'a> {
+    count: &'a AtomicUsize,
+    /// Fewer than [`BATCH_FROM`] calls were in flight when this one started: it goes out at
+    /// once, as waiting for company would cost it more than the write it saves.
+    alone: bool,
+}
+
+impl<'a> Active<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let alone = count.fetch_add(1, Ordering::Relaxed) < BATCH_FROM;
+        Self { count, alone }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    commands: Vec<Cmd>,
+    waiters: Vec<Waiter>,
+}
+
+/// A caller waiting for the replies of its commands, which are consecutive in the batch.
+enum Waiter {
+    /// One command, one reply.
+    One(oneshot::Sender<RedisResult<Value>>),
+    /// A pipeline of `sent` commands, of whose replies the caller wants `count` after `skip`.
+    Many {
+        sent: usize,
+        skip: usize,
+        count: usize,
+        reply: oneshot::Sender<RedisResult<Vec<Value>>>,
+    },
+}
+
+impl Waiter {
+    fn commands(&self) -> usize {
+        match self {
+            Waiter::One(_) => 1,
+            Waiter::Many { sent, .. } => *sent,
+        }
+    }
+
+    fn fail(self, err: RedisError) {
+        match self {
+            Waiter::One(reply) => drop(reply.send(Err(err))),
+            Waiter::Many { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+impl Batcher {
+    /// A queue in front of `connection`; a flush that takes longer than `deadline` fails its
+    /// callers (who will have given up by their own deadlines already).
+    pub(crate) fn new(connection: ConnectionManager, deadline: Duration) -> Self {
+        Self {
+            connection,
+            deadline,
+            queue: Mutex::new(Queue::default()),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// The connection itself, for commands that must not wait in the queue.
+    pub(crate) fn connection(&self) -> &ConnectionManager {
+        &self.connection
+    }
+
+    /// Sends `cmd` with the next batch and waits for its reply; at once while the connection has
+    /// fewer than [`BATCH_FROM`] calls in flight.
+    pub(crate) async fn send(self: &Arc<Self>, cmd: Cmd) -> RedisResult<Value> {
+        let active = Active::enter(&self.active);
+        if active.alone {
+            let mut connection = self.connection.clone();
+            return connection.req_packed_command(&cmd).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(std::iter::once(cmd), Waiter::One(reply));
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    /// Sends `commands` with the next batch, back to back, and returns `count` of their replies
+    /// after the first `skip`.
+    pub(crate) async fn send_many(
+        self: &Arc<Self>,
+        commands: Vec<Cmd>,
+        skip: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let _active = Active::enter(&self.active);
+        let sent = commands.len();
+        if skip + count > sent {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "pipeline reply range out of bounds",
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(
+            commands,
+            Waiter::Many {
+                sent,
+                skip,
+                count,
+                reply,
+            },
+        );
+        answer.await.unwrap_or_else(|_| Err(dropped()))
+    }
+
+    fn enqueue(self: &Arc<Self>, commands: impl IntoIterator<Item = Cmd>, waiter: Waiter) {
+        let first = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = queue.waiters.is_empty();
+            queue.commands.extend(commands);
+            queue.waiters.push(waiter);
+            first
+        };
+        if first {
+            tokio::spawn(self.clone().flush());
+        }
+    }
+
+    /// Waits for the callers that are ready to queue their commands, then sends the queue.
+    /// (Boxed: a flush may start the next one.)
+    fn flush(self: Arc<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(self.flush_now())
+    }
+
+    async fn flush_now(self: Arc<Self>) {
+        tokio::task::yield_now().await;
+        let (commands, waiters, more) = {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let Queue { commands, waiters } = &mut *queue;
+            // Whole callers, up to MAX_BATCH commands (at least one caller).
+            let (mut callers, mut taken) = (0, 0);
+            for waiter in waiters.iter() {
+                let n = waiter.commands();
+                if callers > 0 && taken + n > MAX_BATCH {
+                    break;
+                }
+                callers += 1;
+                taken += n;
+            }
+            let batch: Vec<Cmd> = commands.drain(..taken).collect();
+            let callers: Vec<Waiter> = waiters.drain(..callers).collect();
+            (batch, callers, !waiters.is_empty())
+        };
+        if more {
+            tokio::spawn(self.clone().flush());
+        }
+        if waiters.is_empty() {
+            return;
+        }
+        let sent = commands.len();
+        let mut pipeline = redis::Pipeline::with_capacity(sent);
+        for command in commands {
+            pipeline.add_command(command);
+        }
+        let mut connection = self.connection.clone();
+        let replies = tokio::time::timeout(
+            self.deadline,
+            connection.req_packed_commands(&pipeline, 0, sent),
+        )
+        .await;
+        let replies = match replies {
+            Ok(Ok(replies)) if replies.len() == sent => replies,
+            Ok(Ok(replies)) => {
+                let err = RedisError::from((
+                    redis::ErrorKind::Client,
+                    "pipelined batch answered with the wrong number of replies",
+                    format!("{} for {sent} commands", replies.len()),
+                ));
+                return waiters.into_iter().for_each(|w| w.fail(err.clone()));
+            }
+            Ok(Err(err)) => return waiters.into_iter().for_each(|w| w.fail(err.clone())),
+            Err(_) => {
+                let err = RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "pipelined batch passed the command deadline",
+                ));
+                return waiters.into_iter().for_each(|w| w.fail(err.clone()));
+            }
+        };
+        let mut replies = replies.into_iter();
+        for waiter in waiters {
+            match waiter {
+                Waiter::One(reply) => {
+                    let value = replies.next().unwrap_or(Value::Nil);
+                    let _ = reply.send(Ok(value));
+                }
+                Waiter::Many {
+                    sent,
+                    skip,
+                    count,
+                    reply,
+                } => {
+                    let mut own: Vec<Value> = replies.by_ref().take(sent).collect();
+                    own.truncate(skip + count);
+                    own.drain(..skip);
+                    let _ = reply.send(Ok(own));
+                }
+            }
+        }
+    }
+}
+
+/// The flush was dropped before it answered (the runtime shutting down).
+fn dropped() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the connection's batch was dropped before it was answered",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::future::Future;
+    use std::task::Poll;
+
+    use rediskit_testkit::RedisServer;
+
+    use crate::{Client, Config, ErrorKind};
+
+    async fn client(server: &RedisServer) -> Client {
+        let mut config = Config::builder().url(server.url()).build().unwrap();
+        config.max_connections = 1;
+        Client::connect(config).await.unwrap()
+    }
+
+    /// redis-server's count of commands and of socket reads so far.
+    fn commands_and_reads(server: &RedisServer) -> (u64, u64) {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut server.admin())
+            .unwrap();
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            field("total_commands_processed"),
+            field("total_reads_processed"),
+        )
+    }
+
+    /// Tasks calling one after another on one worker thread: without the queue each command
+    /// woke the connection's task, which wrote it alone (about one command per read in
+    /// redis-server); with it, the ready callers' commands leave together.
+    #[test]
+    fn concurrent_callers_share_writes() {
+        let server = RedisServer::start();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (commands, reads) = runtime.block_on(async {
+            let client = client(&server).await;
+            let before = commands_and_reads(&server);
+            let tasks: Vec<_> = (0..32)
+                .map(|task| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        for i in 0..100 {
+                            let key = format!("k{task}:{i}");
+                            assert_eq!(client.get(&key).await.unwrap(), None);
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let after = commands_and_reads(&server);
+            (after.0 - before.0, after.1 - before.1)
+        });
+        assert!(commands >= 3_200, "{commands} commands");
+        assert!(
+            commands >= 4 * reads,
+            "{commands} commands arrived in {reads} reads"
+        );
+    }
+
+    /// Calls polled once and left in flight, so that the next calls on the connection queue.
+    async fn keep_busy(
+        client: &Client,
+    ) -> Vec<impl Future<Output = crate::Result<Option<Vec<u8>>>>> {
+        let mut calls: Vec<_> = (0..super::BATCH_FROM)
+            .map(|_| Box::pin(client.get("busy")))
+            .collect();
+        std::future::poll_fn(|cx| {
+            for call in &mut calls {
+                assert!(call.as_mut().poll(cx).is_pending());
+            }
+            Poll::Ready(())
+        })
+        .await;
+        calls
+    }
+
+    /// A caller that gives up after queueing its command (its future dropped, as a timeout
+    /// drops it) takes nobody else's command with it.
+    #[tokio::test]
+    async fn a_caller_that_gives_up_loses_no_other_command() {
+        let server = RedisServer::start();
+        let client = client(&server).await;
+        client
+            .set("a", b"1", std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let busy = keep_busy(&client).await;
+        let mut first = Box::pin(client.get("a"));
+        let mut others: Vec<_> = (0..10).map(|_| Box::pin(client.get("a"))).collect();
+        // Queue them all (the first starts the flush), then drop the first before it is sent.
+        std::future::poll_fn(|cx| {
+            assert!(first.as_mut().poll(cx).is_pending());
+            for other in &mut others {
+                assert!(other.as_mut().poll(cx).is_pending());
+            }
+            Poll::Ready(())
+        })
+        .await;
+        drop(first);
+        for other in others {
+            assert_eq!(other.await.unwrap(), Some(b"1".to_vec()));
+        }
+        for call in busy {
+            assert_eq!(call.await.unwrap(), None);
+        }
+    }
+
+    /// Each caller gets its own reply from a shared batch: an error reply goes to its command
+    /// alone, a pipeline gets exactly its replies, and a burst larger than one flush
+    /// ([`MAX_BATCH`]) keeps every reply with its caller.
+    #[tokio::test]
+    async fn every_caller_gets_its_own_reply() {
+        let server = RedisServer::start();
+        let client = client(&server).await;
+        let _: () = redis::cmd("HSET")
+            .arg("hash")
+            .arg("f")
+            .arg("v")
+            .query(&mut server.admin())
+            .unwrap();
+        let ttl = std::time::Duration::from_secs(60);
+        let pipeline = client.run("pipeline", |mut c| async move {
+            redis::pipe()
+                .cmd("SET")
+                .arg("p")
+                .arg("1")
+                .cmd("GET")
+                .arg("p")
+                .query_async::<(String, String)>(&mut c)
+                .await
+        });
+        let busy = keep_busy(&client).await;
+        // Queued in one poll: one flush takes them all (this runtime has one thread).
+        let (wrong, missing, set, pipelined) = tokio::join!(
+            client.get("hash"),
+            client.get("nothing"),
+            client.set("x", b"y", ttl),
+            pipeline,
+        );
+        let err = wrong.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
+        assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+        assert_eq!(missing.unwrap(), None);
+        set.unwrap();
+        assert_eq!(pipelined.unwrap(), ("OK".to_owned(), "1".to_owned()));
+        futures_util::future::join_all(busy).await;
+
+        let burst = 3 * super::MAX_BATCH + 7;
+        let keys: Vec<String> = (0..burst).map(|i| format!("k{i}")).collect();
+        let writes = keys.iter().map(|key| client.set(key, key.as_bytes(), ttl));
+        for result in futures_util::future::join_all(writes).await {
+            result.unwrap();
+        }
+        let reads = keys.iter().map(|key| client.get(key));
+        let values = futures_util::future::join_all(reads).await;
+        for (key, value) in keys.iter().zip(values) {
+            assert_eq!(value.unwrap().as_deref(), Some(key.as_bytes()));
+        }
+    }
+}
