@@ -96,6 +96,8 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     absolute("redis_command_timeouts_total", client.timeouts);
     absolute("redis_breaker_trips_total", client.breaker_trips);
     absolute("redis_breaker_rejected_total", client.breaker_rejected);
+    absolute("redis_pipelined_batches_total", client.pipelined_batches);
+    absolute("redis_pipelined_commands_total", client.pipelined_commands);
     // Only the session check has a near-cache (unless NEAR_CACHE_SESSIONS=false); the label
     // leaves room for cache namespaces that opt in.
     let near = sessions.near;

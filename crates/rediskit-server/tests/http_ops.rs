@@ -71,6 +71,13 @@ async fn metrics_are_prometheus_text() {
         "no `# TYPE` line in:\n{}",
         reply.text
     );
+    // Auto-pipelining's figures are there (batches happen under concurrent load only).
+    let batches = metric(&service, "redis_pipelined_batches_total").await;
+    let commands = metric(&service, "redis_pipelined_commands_total").await;
+    assert!(
+        commands >= batches,
+        "{commands} commands in {batches} batches"
+    );
 }
 
 /// `GET /openapi.json` is an OpenAPI 3 document listing the API's paths.

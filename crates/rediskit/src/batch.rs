@@ -20,7 +20,7 @@
 //!
 //! [`Conn::Direct`]: crate::client::Conn::Direct
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,10 +37,20 @@ pub(crate) const MAX_BATCH: usize = 512;
 /// from the fourth nothing, and at 64 tasks the two are level.
 pub(crate) const BATCH_FROM: usize = 4;
 
+/// What the queues of one client sent, across its pools.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// Batches sent.
+    pub(crate) batches: AtomicU64,
+    /// Commands sent in them.
+    pub(crate) commands: AtomicU64,
+}
+
 /// The queue of one managed connection.
 pub(crate) struct Batcher {
     connection: ConnectionManager,
     deadline: Duration,
+    counters: Arc<Counters>,
     queue: Mutex<Queue>,
     /// Calls in flight through this queue (or past it).
     active: AtomicUsize,
@@ -105,10 +115,15 @@ impl Waiter {
 impl Batcher {
     /// A queue in front of `connection`; a flush that takes longer than `deadline` fails its
     /// callers (who will have given up by their own deadlines already).
-    pub(crate) fn new(connection: ConnectionManager, deadline: Duration) -> Self {
+    pub(crate) fn new(
+        connection: ConnectionManager,
+        deadline: Duration,
+        counters: Arc<Counters>,
+    ) -> Self {
         Self {
             connection,
             deadline,
+            counters,
             queue: Mutex::new(Queue::default()),
             active: AtomicUsize::new(0),
         }
@@ -210,6 +225,10 @@ impl Batcher {
         for command in commands {
             pipeline.add_command(command);
         }
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .commands
+            .fetch_add(sent as u64, Ordering::Relaxed);
         let mut connection = self.connection.clone();
         let replies = tokio::time::timeout(
             self.deadline,
@@ -339,6 +358,38 @@ mod tests {
             commands >= 4 * reads,
             "{commands} commands arrived in {reads} reads"
         );
+    }
+
+    /// The client counts the batches and their commands; a caller alone on its connection is
+    /// not held back for company (no batch), a crowd is batched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_are_counted_and_a_lone_caller_is_not_queued() {
+        let server = RedisServer::start();
+        let client = client(&server).await;
+        for i in 0..50 {
+            assert_eq!(client.get(&format!("k{i}")).await.unwrap(), None);
+        }
+        let stats = client.stats();
+        assert_eq!(
+            (stats.pipelined_batches, stats.pipelined_commands),
+            (0, 0),
+            "one caller at a time"
+        );
+
+        let calls = (0..200).map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get(&format!("k{i}")).await })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert_eq!(call.unwrap().unwrap(), None);
+        }
+        let stats = client.stats();
+        assert!(stats.pipelined_batches > 0, "{stats:?}");
+        assert!(
+            stats.pipelined_commands >= 2 * stats.pipelined_batches,
+            "{stats:?}"
+        );
+        assert!(stats.pipelined_commands <= 200, "{stats:?}");
     }
 
     /// Calls polled once and left in flight, so that the next calls on the connection queue.

@@ -76,6 +76,11 @@ pub struct ClientStats {
     pub breaker: BreakerState,
     /// Times the circuit opened.
     pub breaker_trips: u64,
+    /// Batches of concurrent callers' commands sent as one write by auto-pipelining (only
+    /// while several calls are in flight on a connection; not on a Cluster).
+    pub pipelined_batches: u64,
+    /// Commands sent in those batches: divided by `pipelined_batches`, the average batch.
+    pub pipelined_commands: u64,
     /// Calls failed fast by the open circuit (not counted in `commands`).
     pub breaker_rejected: u64,
 }
@@ -168,6 +173,8 @@ struct Inner {
     breaker: Breaker,
     /// A recovery task is pinging the pool while the circuit is open.
     recovering: AtomicBool,
+    /// What auto-pipelining sent, across pools (Sentinel replaces the pool).
+    batching: Arc<crate::batch::Counters>,
     health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The near-cache's tracking (see `near`), started by the first near-cache built on this
     /// handle; `Some(None)` where there can be none (the embedded backend).
@@ -395,6 +402,7 @@ impl Client {
     /// Must be called within a Tokio runtime.
     pub fn connect_lazy(config: Config) -> Result<Self> {
         config.validate()?;
+        let batching = Arc::default();
         let (kind, redis, memory) = match config.scheme() {
             Scheme::Memory => (BackendKind::Memory, None, Some(MemoryStore::new())),
             Scheme::Redis => (
@@ -403,6 +411,7 @@ impl Client {
                     &config,
                     config.connection_info()?,
                     None,
+                    &batching,
                 )?)),
                 None,
             ),
@@ -430,6 +439,7 @@ impl Client {
             latency: Latency::default(),
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             recovering: AtomicBool::new(false),
+            batching,
             health_task: std::sync::Mutex::new(None),
             near: std::sync::OnceLock::new(),
             config,
@@ -489,6 +499,8 @@ impl Client {
             breaker: self.inner.breaker.state(),
             breaker_trips: self.inner.breaker.trips(),
             breaker_rejected: self.inner.breaker.rejected(),
+            pipelined_batches: self.inner.batching.batches.load(Ordering::Relaxed),
+            pipelined_commands: self.inner.batching.commands.load(Ordering::Relaxed),
         }
     }
 
@@ -722,7 +734,12 @@ impl Client {
         let (host, port) = found?;
         let config = &self.inner.config;
         let info = config.connection_info_at(host.clone(), port)?;
-        let pool = Arc::new(Pool::standalone(config, info, Some((host, port)))?);
+        let pool = Arc::new(Pool::standalone(
+            config,
+            info,
+            Some((host, port)),
+            &self.inner.batching,
+        )?);
         if self.is_closed() {
             return Err(Error::closed());
         }
@@ -764,10 +781,9 @@ impl Client {
         }
         let config = &self.inner.config;
         let (host, port) = primary.clone();
-        let pool = match config
-            .connection_info_at(host, port)
-            .and_then(|info| Pool::standalone(config, info, Some(primary.clone())))
-        {
+        let pool = match config.connection_info_at(host, port).and_then(|info| {
+            Pool::standalone(config, info, Some(primary.clone()), &self.inner.batching)
+        }) {
             Ok(pool) => Arc::new(pool),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot connect to the primary the sentinels named");
@@ -1364,6 +1380,7 @@ impl Pool {
         config: &Config,
         info: redis::ConnectionInfo,
         address: Option<(String, u16)>,
+        batching: &Arc<crate::batch::Counters>,
     ) -> Result<Self> {
         let client = redis_client(config, info)?;
         let manager_config = ConnectionManagerConfig::new()
@@ -1381,6 +1398,7 @@ impl Pool {
                         connection: Conn::Single(Arc::new(Batcher::new(
                             connection,
                             config.command_timeout,
+                            batching.clone(),
                         ))),
                         in_flight: AtomicUsize::new(0),
                     })
