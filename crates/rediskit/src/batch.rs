@@ -4,7 +4,7 @@
 //! runs. But tokio runs a task woken by the running one right after it (the worker's LIFO
 //! slot), so each caller's command wakes the connection's task, which writes it nearly alone:
 //! at 64 tasks redis-server read ~5 commands per `read` (`INFO stats`), against 16 under
-//! `redis-benchmark -P 16`, and spent ~3.5 µs of CPU per `GET` on those small reads and writes.
+//! `redis-benchmark -P 16`, and spent 3–4 µs of CPU per `GET` on those small reads and writes.
 //!
 //! Here, once a few calls are in flight on a connection ([`BATCH_FROM`]; below that a call goes
 //! out at once), a caller puts its command in the connection's [`Batcher`] queue, and the caller
