@@ -348,6 +348,29 @@ mod tests {
         )
     }
 
+    /// With auto-pipelining off, the same crowd of callers is never batched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_pipelining_can_be_turned_off() {
+        let server = RedisServer::start();
+        let config = Config::builder()
+            .url(server.url())
+            .max_connections(1)
+            .auto_pipeline(false)
+            .build()
+            .unwrap();
+        let client = Client::connect(config).await.unwrap();
+        let calls = (0..200).map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get(&format!("k{i}")).await })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert_eq!(call.unwrap().unwrap(), None);
+        }
+        let stats = client.stats();
+        assert_eq!((stats.pipelined_batches, stats.pipelined_commands), (0, 0));
+        assert!(stats.commands >= 200, "{stats:?}");
+    }
+
     /// Tasks calling one after another on one worker thread: without the queue each command
     /// woke the connection's task, which wrote it alone (about one command per read in
     /// redis-server); with it, the ready callers' commands leave together.

@@ -247,8 +247,8 @@ impl Drop for Inner {
 pub(crate) enum Conn {
     /// A managed connection whose concurrent callers' commands leave together (`batch`).
     Single(Arc<Batcher>),
-    /// The same connection without the queue: commands leave in the order they are sent, for
-    /// [`Client::in_order`] scopes.
+    /// A managed connection without the queue: commands leave in the order they are sent. For
+    /// [`Client::in_order`] scopes, and when [`Config::auto_pipeline`] is off.
     Direct(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -1395,11 +1395,15 @@ impl Pool {
             .map(|_| {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                     .map(|connection| Slot {
-                        connection: Conn::Single(Arc::new(Batcher::new(
-                            connection,
-                            config.command_timeout,
-                            batching.clone(),
-                        ))),
+                        connection: if config.auto_pipeline {
+                            Conn::Single(Arc::new(Batcher::new(
+                                connection,
+                                config.command_timeout,
+                                batching.clone(),
+                            )))
+                        } else {
+                            Conn::Direct(connection)
+                        },
                         in_flight: AtomicUsize::new(0),
                     })
                     .map_err(Error::from)

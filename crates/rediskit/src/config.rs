@@ -131,6 +131,11 @@ pub struct Config {
     /// thread of the runtime the client is made in; the others take only bursts of more than 128
     /// calls in flight on each of those. Default: [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// Auto-pipelining: once 4 calls are in flight on a connection, the commands of concurrent
+    /// callers queue and leave together, as one write (docs/decisions/0006-auto-pipelining.md).
+    /// Off: every command goes to the connection as it is sent. Not used on a Cluster, where a
+    /// batch could span nodes. Default: on.
+    pub auto_pipeline: bool,
     /// Deadline for establishing a connection. Default: [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
     /// Deadline for every command. Default: [`DEFAULT_COMMAND_TIMEOUT`].
@@ -192,6 +197,7 @@ impl Default for Config {
             username: None,
             password: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            auto_pipeline: true,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
@@ -219,6 +225,7 @@ impl fmt::Debug for Config {
             .field("username", &self.username)
             .field("password", &self.password)
             .field("max_connections", &self.max_connections)
+            .field("auto_pipeline", &self.auto_pipeline)
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("health_check_interval", &self.health_check_interval)
@@ -293,6 +300,7 @@ impl Config {
     /// | `DEV_REDIS_HOST`, `DEV_REDIS_PORT`, `DEV_REDIS_DB` | development server | `localhost`, 6379, 0 |
     /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | ACL credentials | none |
     /// | `REDIS_MAX_CONNECTIONS` | connections kept open | 20 |
+    /// | `REDIS_AUTO_PIPELINE` | `false`: send every command as it comes, never batched | `true` |
     /// | `REDIS_CONNECT_TIMEOUT_MS` | connect deadline | 1000 |
     /// | `REDIS_COMMAND_TIMEOUT_MS` | per-command deadline | 500 |
     /// | `REDIS_HEALTH_CHECK_INTERVAL_SECS` | background PING interval, 0 = off | 30 |
@@ -341,18 +349,21 @@ impl Config {
         config.sentinel_username =
             get("REDIS_SENTINEL_USERNAME").map(|name| name.trim().to_owned());
         config.sentinel_password = get("REDIS_SENTINEL_PASSWORD").map(Secret::new);
-        if let Some(value) = get("REDIS_SENTINEL_TLS") {
-            config.sentinel_tls = match value.trim().to_ascii_lowercase().as_str() {
-                // The same words as the service's own switches (NEAR_CACHE_SESSIONS, ...).
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(Error::config(format!(
-                        "REDIS_SENTINEL_TLS: expected `true` or `false`, got `{value}`"
-                    )));
-                }
+        // The same words as the service's own switches (NEAR_CACHE_SESSIONS, ...).
+        let flag = |name: &str, default: bool| -> Result<bool> {
+            let Some(value) = get(name) else {
+                return Ok(default);
             };
-        }
+            match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(Error::config(format!(
+                    "{name}: expected `true` or `false`, got `{value}`"
+                ))),
+            }
+        };
+        config.sentinel_tls = flag("REDIS_SENTINEL_TLS", config.sentinel_tls)?;
+        config.auto_pipeline = flag("REDIS_AUTO_PIPELINE", config.auto_pipeline)?;
 
         config.url = match get("REDIS_URL") {
             Some(url) => {
@@ -906,6 +917,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// See [`Config::auto_pipeline`].
+    pub fn auto_pipeline(mut self, on: bool) -> Self {
+        self.config.auto_pipeline = on;
+        self
+    }
+
     /// See [`Config::connect_timeout`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.config.connect_timeout = timeout;
@@ -1083,6 +1100,10 @@ mod tests {
             (&[("DEV_REDIS_HOST", "a b")], "DEV_REDIS_HOST"),
             (&[("REDIS_MAX_CONNECTIONS", "0")], "REDIS_MAX_CONNECTIONS"),
             (
+                &[("REDIS_AUTO_PIPELINE", "sometimes")],
+                "REDIS_AUTO_PIPELINE",
+            ),
+            (
                 &[("REDIS_COMMAND_TIMEOUT_MS", "1.5")],
                 "REDIS_COMMAND_TIMEOUT_MS",
             ),
@@ -1219,6 +1240,19 @@ mod tests {
         ])
         .unwrap();
         assert!(config.sentinel_tls);
+        assert!(config.auto_pipeline, "on unless turned off");
+        assert!(
+            !from(&[("REDIS_AUTO_PIPELINE", "no")])
+                .unwrap()
+                .auto_pipeline
+        );
+        assert!(
+            !Config::builder()
+                .auto_pipeline(false)
+                .build()
+                .unwrap()
+                .auto_pipeline
+        );
 
         let built = Config::builder()
             .cluster_nodes(["a:1", "b:2"])
