@@ -316,6 +316,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::future::Future;
+    use std::pin::Pin;
     use std::task::Poll;
 
     use rediskit_testkit::RedisServer;
@@ -323,9 +324,29 @@ mod tests {
     use crate::{Client, Config, ErrorKind};
 
     async fn client(server: &RedisServer) -> Client {
-        let mut config = Config::builder().url(server.url()).build().unwrap();
-        config.max_connections = 1;
+        connect(server, true).await
+    }
+
+    /// A client of one connection.
+    async fn connect(server: &RedisServer, auto_pipeline: bool) -> Client {
+        let config = Config::builder()
+            .url(server.url())
+            .max_connections(1)
+            .auto_pipeline(auto_pipeline)
+            .build()
+            .unwrap();
         Client::connect(config).await.unwrap()
+    }
+
+    /// 200 callers at once, each reading a missing key.
+    async fn crowd(client: &Client) {
+        let calls = (0..200).map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get(&format!("k{i}")).await })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert_eq!(call.unwrap().unwrap(), None);
+        }
     }
 
     /// redis-server's count of commands and of socket reads so far.
@@ -352,20 +373,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn auto_pipelining_can_be_turned_off() {
         let server = RedisServer::start();
-        let config = Config::builder()
-            .url(server.url())
-            .max_connections(1)
-            .auto_pipeline(false)
-            .build()
-            .unwrap();
-        let client = Client::connect(config).await.unwrap();
-        let calls = (0..200).map(|i| {
-            let client = client.clone();
-            tokio::spawn(async move { client.get(&format!("k{i}")).await })
-        });
-        for call in futures_util::future::join_all(calls).await {
-            assert_eq!(call.unwrap().unwrap(), None);
-        }
+        let client = connect(&server, false).await;
+        crowd(&client).await;
         let stats = client.stats();
         assert_eq!((stats.pipelined_batches, stats.pipelined_commands), (0, 0));
         assert!(stats.commands >= 200, "{stats:?}");
@@ -425,13 +434,7 @@ mod tests {
             "one caller at a time"
         );
 
-        let calls = (0..200).map(|i| {
-            let client = client.clone();
-            tokio::spawn(async move { client.get(&format!("k{i}")).await })
-        });
-        for call in futures_util::future::join_all(calls).await {
-            assert_eq!(call.unwrap().unwrap(), None);
-        }
+        crowd(&client).await;
         let stats = client.stats();
         assert!(stats.pipelined_batches > 0, "{stats:?}");
         assert!(
@@ -448,14 +451,19 @@ mod tests {
         let mut calls: Vec<_> = (0..super::BATCH_FROM)
             .map(|_| Box::pin(client.get("busy")))
             .collect();
+        poll_once(&mut calls).await;
+        calls
+    }
+
+    /// Polls each call once (they queue their commands), asserting none has finished yet.
+    async fn poll_once<F: Future + Unpin>(calls: &mut [F]) {
         std::future::poll_fn(|cx| {
-            for call in &mut calls {
-                assert!(call.as_mut().poll(cx).is_pending());
+            for call in calls.iter_mut() {
+                assert!(Pin::new(&mut *call).poll(cx).is_pending());
             }
             Poll::Ready(())
         })
         .await;
-        calls
     }
 
     /// A caller that gives up after queueing its command (its future dropped, as a timeout
@@ -469,18 +477,11 @@ mod tests {
             .await
             .unwrap();
         let busy = keep_busy(&client).await;
-        let mut first = Box::pin(client.get("a"));
-        let mut others: Vec<_> = (0..10).map(|_| Box::pin(client.get("a"))).collect();
+        let mut calls: Vec<_> = (0..11).map(|_| Box::pin(client.get("a"))).collect();
         // Queue them all (the first starts the flush), then drop the first before it is sent.
-        std::future::poll_fn(|cx| {
-            assert!(first.as_mut().poll(cx).is_pending());
-            for other in &mut others {
-                assert!(other.as_mut().poll(cx).is_pending());
-            }
-            Poll::Ready(())
-        })
-        .await;
-        drop(first);
+        poll_once(&mut calls).await;
+        let others = calls.split_off(1);
+        drop(calls);
         for other in others {
             assert_eq!(other.await.unwrap(), Some(b"1".to_vec()));
         }
@@ -501,13 +502,7 @@ mod tests {
             .iter()
             .map(|key| Box::pin(client.set(key, b"v", ttl)))
             .collect();
-        std::future::poll_fn(|cx| {
-            for write in &mut writes {
-                assert!(write.as_mut().poll(cx).is_pending());
-            }
-            Poll::Ready(())
-        })
-        .await;
+        poll_once(&mut writes).await;
         // The even ones give up while still queued (this runtime has one thread: the flush has
         // not run yet).
         let kept: Vec<_> = writes
