@@ -76,13 +76,13 @@ pub struct ClientStats {
     pub breaker: BreakerState,
     /// Times the circuit opened.
     pub breaker_trips: u64,
+    /// Calls failed fast by the open circuit (not counted in `commands`).
+    pub breaker_rejected: u64,
     /// Batches of concurrent callers' commands sent as one write by auto-pipelining (only
     /// while several calls are in flight on a connection; not on a Cluster).
     pub pipelined_batches: u64,
     /// Commands sent in those batches: divided by `pipelined_batches`, the average batch.
     pub pipelined_commands: u64,
-    /// Calls failed fast by the open circuit (not counted in `commands`).
-    pub breaker_rejected: u64,
 }
 
 /// The answer of [`Client::health`].
