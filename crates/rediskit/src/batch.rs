@@ -52,29 +52,8 @@ pub(crate) struct Batcher {
     deadline: Duration,
     counters: Arc<Counters>,
     queue: Mutex<Queue>,
-    /// Calls in flight through this queue (or past it).
-    active: AtomicUsize,
-}
-
-/// Counts a call in flight while it lives, however it ends.
-struct Active<'a> {
-    count: &'a AtomicUsize,
-    /// Fewer than [`BATCH_FROM`] calls were in flight when this one started: it goes out at
-    /// once, as waiting for company would cost it more than the write it saves.
-    alone: bool,
-}
-
-impl<'a> Active<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        let alone = count.fetch_add(1, Ordering::Relaxed) < BATCH_FROM;
-        Self { count, alone }
-    }
-}
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Calls in flight on the connection, this one included: the pool counts them.
+    in_flight: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -126,13 +105,14 @@ impl Batcher {
         connection: ConnectionManager,
         deadline: Duration,
         counters: Arc<Counters>,
+        in_flight: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             connection,
             deadline,
             counters,
             queue: Mutex::new(Queue::default()),
-            active: AtomicUsize::new(0),
+            in_flight,
         }
     }
 
@@ -144,8 +124,8 @@ impl Batcher {
     /// Sends `cmd` with the next batch and waits for its reply; at once while the connection has
     /// fewer than [`BATCH_FROM`] calls in flight.
     pub(crate) async fn send(self: &Arc<Self>, cmd: Cmd) -> RedisResult<Value> {
-        let active = Active::enter(&self.active);
-        if active.alone {
+        // Fewer than BATCH_FROM others in flight: nothing worth waiting for company.
+        if self.in_flight.load(Ordering::Relaxed) <= BATCH_FROM {
             let mut connection = self.connection.clone();
             return connection.req_packed_command(&cmd).await;
         }
@@ -166,7 +146,6 @@ impl Batcher {
         if sent == 0 && skip == 0 && count == 0 {
             return Ok(Vec::new());
         }
-        let _active = Active::enter(&self.active);
         if skip + count > sent {
             return Err(RedisError::from((
                 redis::ErrorKind::Client,

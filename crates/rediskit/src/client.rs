@@ -334,7 +334,9 @@ struct Pool {
 
 struct Slot {
     connection: Conn,
-    in_flight: AtomicUsize,
+    /// Calls in flight on this connection (shared with its auto-pipelining queue, which
+    /// batches only when several are).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// Decrements the in-flight counters when a command ends, however it ends (cancellation too).
@@ -1393,6 +1395,7 @@ impl Pool {
             .set_max_delay(config.connect_timeout);
         let connections = (0..config.max_connections)
             .map(|_| {
+                let in_flight = Arc::new(AtomicUsize::new(0));
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                     .map(|connection| Slot {
                         connection: if config.auto_pipeline {
@@ -1400,11 +1403,12 @@ impl Pool {
                                 connection,
                                 config.command_timeout,
                                 batching.clone(),
+                                in_flight.clone(),
                             )))
                         } else {
                             Conn::Direct(connection)
                         },
-                        in_flight: AtomicUsize::new(0),
+                        in_flight,
                     })
                     .map_err(Error::from)
             })
@@ -1458,7 +1462,7 @@ impl Pool {
                 connection: Conn::Cluster(
                     client.get_pending_async_connection_with_config(cluster_config.clone()),
                 ),
-                in_flight: AtomicUsize::new(0),
+                in_flight: Arc::default(),
             })
             .collect::<Vec<_>>();
         Ok(Self {
