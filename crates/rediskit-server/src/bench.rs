@@ -81,6 +81,8 @@ struct Stats {
     client_cpu_us: Option<f64>,
     /// CPU time of redis-server per operation (`INFO cpu`), when it tells it.
     server_cpu_us: Option<f64>,
+    /// Commands per batch that auto-pipelining sent during the run, when it sent any.
+    commands_per_batch: Option<f64>,
 }
 
 impl Stats {
@@ -299,6 +301,7 @@ async fn measure(
     let mut admin = ctx.raw[0].clone();
     let server_cpu_before = server_cpu(&mut admin).await;
     let client_cpu_before = process_cpu();
+    let pipelined_before = ctx.client.stats();
 
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
@@ -346,6 +349,11 @@ async fn measure(
         .await
         .zip(server_cpu_before)
         .map(|(after, before)| (after - before) * 1e6 / ops as f64);
+    let pipelined = ctx.client.stats();
+    let batches = pipelined.pipelined_batches - pipelined_before.pipelined_batches;
+    let commands_per_batch = (batches > 0).then(|| {
+        (pipelined.pipelined_commands - pipelined_before.pipelined_commands) as f64 / batches as f64
+    });
     if progress {
         eprint!("\r\x1b[2K");
     }
@@ -365,6 +373,7 @@ async fn measure(
         p99_us: percentile(&latencies, 0.99),
         client_cpu_us: client_cpu,
         server_cpu_us: server_cpu,
+        commands_per_batch,
     })
 }
 
@@ -476,20 +485,28 @@ fn print_table(args: &BenchArgs, measured: &[&Measured], skipped: &[(Workload, &
         redact_url(&args.url)
     );
     println!(
-        "{:<20} {:>10} {:>9} {:>9} {:>7} {:>13} {:>12}",
-        "workload", "ops/s", "p50 µs", "p99 µs", "errors", "client µs/op", "redis µs/op"
+        "{:<20} {:>10} {:>9} {:>9} {:>7} {:>13} {:>12} {:>11}",
+        "workload",
+        "ops/s",
+        "p50 µs",
+        "p99 µs",
+        "errors",
+        "client µs/op",
+        "redis µs/op",
+        "cmds/batch"
     );
-    let cpu = |value: Option<f64>| value.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+    let figure = |value: Option<f64>| value.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
     for m in measured {
         println!(
-            "{:<20} {:>10} {:>9.1} {:>9.1} {:>7} {:>13} {:>12}",
+            "{:<20} {:>10} {:>9.1} {:>9.1} {:>7} {:>13} {:>12} {:>11}",
             m.workload.name(),
             thousands(m.stats.ops_per_sec()),
             m.stats.p50_us,
             m.stats.p99_us,
             m.stats.errors,
-            cpu(m.stats.client_cpu_us),
-            cpu(m.stats.server_cpu_us),
+            figure(m.stats.client_cpu_us),
+            figure(m.stats.server_cpu_us),
+            figure(m.stats.commands_per_batch),
         );
     }
     for (workload, why) in skipped {

@@ -172,6 +172,10 @@ fn report_writes_tables_and_chart() {
     }
     assert!(markdown.contains("`near_get`"), "{markdown}");
     assert!(markdown.contains("CPU model"), "{markdown}");
+    assert!(
+        markdown.contains("## Auto-pipelining: commands per batch"),
+        "{markdown}"
+    );
     assert!(markdown.contains("| client runtime | "), "{markdown}");
     assert!(markdown.contains("| redis-server | "), "{markdown}");
     assert!(!markdown.contains("| redis-server | unknown"), "{markdown}");

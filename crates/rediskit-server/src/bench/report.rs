@@ -220,7 +220,7 @@ fn markdown(
         out.push('\n');
     };
     type Cell = fn(&Measured) -> String;
-    let tables: [(&str, Cell); 4] = [
+    let tables: [(&str, Cell); 5] = [
         ("Throughput (operations per second), by concurrency", |m| {
             super::thousands(m.stats.ops_per_sec())
         }),
@@ -239,6 +239,14 @@ fn markdown(
                     cpu(m.stats.client_cpu_us),
                     cpu(m.stats.server_cpu_us)
                 )
+            },
+        ),
+        (
+            "Auto-pipelining: commands per batch (– none batched), by concurrency",
+            |m| {
+                m.stats
+                    .commands_per_batch
+                    .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"))
             },
         ),
     ];

@@ -101,6 +101,8 @@ impl Workload {
 pub(super) struct Ctx {
     /// The run's key prefix: every key the run writes starts with it.
     prefix: String,
+    /// The handle every rediskit workload uses (for its figures).
+    pub(super) client: Client,
     cache: Cache,
     /// The same keys' namespace with the near-cache on, for `near_get`.
     near: Cache,
@@ -135,6 +137,7 @@ impl Ctx {
         let raw_prefix = format!("{}raw:", client.key_prefix());
         Ok(Self {
             prefix: client.key_prefix().to_owned(),
+            client: client.clone(),
             cache: Cache::builder(client)
                 .namespace("bench")
                 .default_ttl(TTL)
