@@ -31,10 +31,10 @@ use tokio::sync::oneshot;
 /// Commands one flush sends at most; the rest go in the next flush, started at once.
 pub(crate) const MAX_BATCH: usize = 512;
 
-/// A call queues for the next batch only when this many calls are in flight on its connection
-/// already; fewer go out at once. Measured at 8 tasks over two connections (docs/benchmarks.md,
-/// session 6): queueing from the first call in flight cost 10–25 % of the throughput there,
-/// from the fourth nothing, and at 64 tasks the two are level.
+/// A call queues for the next batch only when this many other calls are in flight on its
+/// connection already; with fewer it goes out at once. Measured at 8 tasks over two connections
+/// (docs/benchmarks.md, session 6): queueing whenever another call was in flight cost 10–25 % of
+/// the throughput there, queueing only from 4 nothing; at 64 tasks the two are level.
 pub(crate) const BATCH_FROM: usize = 4;
 
 /// What the queues of one client sent, across its pools.
