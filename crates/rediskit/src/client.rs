@@ -861,8 +861,10 @@ impl Client {
         };
         inner.commands.fetch_add(1, Ordering::Relaxed);
         let deadline = inner.config.command_timeout;
-        let started = Instant::now();
-        let result = tokio::time::timeout(deadline, call(slot.connection.clone())).await;
+        // One clock read serves the deadline and the latency (`timeout` would read it again).
+        let started = tokio::time::Instant::now();
+        let result =
+            tokio::time::timeout_at(started + deadline, call(slot.connection.clone())).await;
         inner.latency.record(started.elapsed());
         let outcome = match result {
             Ok(Ok(value)) => return Ok(value),

@@ -64,6 +64,11 @@ pub(crate) fn check_key(key: &str) -> Result<(), String> {
             key.len()
         ));
     }
+    // Printable ASCII, the usual key, is checked a byte at a time; anything else char by char
+    // (`is_control` also covers the C1 controls, U+0080 to U+009F).
+    if key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
     if let Some(bad) = key.chars().find(|c| c.is_control()) {
         return Err(format!(
             "key `{}` contains the control character {bad:?}",
@@ -171,6 +176,11 @@ mod tests {
         assert!(check_key("").is_err());
         assert!(check_key("a\nb").unwrap_err().contains("control"));
         assert!(check_key("a\0b").is_err());
+        // Every control character, ASCII or not, whatever else the key holds.
+        for bad in ["a\u{7f}", "\u{1f}b", "é\u{85}", "\u{9f}", "🦀\t"] {
+            assert!(check_key(bad).unwrap_err().contains("control"), "{bad:?}");
+        }
+        assert!(check_key("\u{a0}~ \u{7e}").is_ok());
         assert!(check_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
         assert!(check_key(&"k".repeat(MAX_KEY_LEN + 1)).is_err());
         // Long keys are cut in messages on a character boundary.
