@@ -60,6 +60,8 @@ pub(crate) struct Batcher {
 struct Queue {
     commands: Vec<Cmd>,
     waiters: Vec<Waiter>,
+    /// A flush task is spawned that has not taken the queue yet.
+    scheduled: bool,
 }
 
 /// A caller waiting for the replies of its commands, which are consecutive in the batch.
@@ -166,29 +168,39 @@ impl Batcher {
     }
 
     fn enqueue(self: &Arc<Self>, commands: impl IntoIterator<Item = Cmd>, waiter: Waiter) {
-        let first = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let first = queue.waiters.is_empty();
+        let start = {
+            let mut queue = self.lock();
             queue.commands.extend(commands);
             queue.waiters.push(waiter);
-            first
+            !std::mem::replace(&mut queue.scheduled, true)
         };
-        if first {
+        if start {
             tokio::spawn(self.clone().flush());
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits for the callers that are ready to queue their commands, then sends the queue.
     /// (Boxed: a flush may start the next one.)
     fn flush(self: Arc<Self>) -> futures_util::future::BoxFuture<'static, ()> {
-        Box::pin(self.flush_now())
+        Box::pin(Self::flush_now(Scheduled {
+            batcher: self,
+            taken: false,
+        }))
     }
 
-    async fn flush_now(self: Arc<Self>) {
+    async fn flush_now(mut scheduled: Scheduled) {
         tokio::task::yield_now().await;
         let (commands, waiters, more) = {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let Queue { commands, waiters } = &mut *queue;
+            let mut queue = scheduled.batcher.lock();
+            let Queue {
+                commands,
+                waiters,
+                scheduled: next,
+            } = &mut *queue;
             // Whole callers, up to MAX_BATCH commands (at least one caller).
             let (mut callers, mut taken) = (0, 0);
             for waiter in waiters.iter() {
@@ -201,10 +213,14 @@ impl Batcher {
             }
             let batch: Vec<Cmd> = commands.drain(..taken).collect();
             let callers: Vec<Waiter> = waiters.drain(..callers).collect();
-            (batch, callers, !waiters.is_empty())
+            // The rest, if any, goes with the next flush, spawned below.
+            *next = !waiters.is_empty();
+            scheduled.taken = true;
+            (batch, callers, *next)
         };
+        let this = &scheduled.batcher;
         if more {
-            tokio::spawn(self.clone().flush());
+            tokio::spawn(this.clone().flush());
         }
         // A caller that gave up meanwhile (its deadline, or its future dropped) has its
         // commands left out, as redis-rs leaves out a command nobody waits for: its outcome was
@@ -230,13 +246,13 @@ impl Batcher {
             return;
         }
         let sent = pipeline.len();
-        self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        self.counters
+        this.counters.batches.fetch_add(1, Ordering::Relaxed);
+        this.counters
             .commands
             .fetch_add(sent as u64, Ordering::Relaxed);
-        let mut connection = self.connection.clone();
+        let mut connection = this.connection.clone();
         let replies = tokio::time::timeout(
-            self.deadline,
+            this.deadline,
             connection.req_packed_commands(&pipeline, 0, sent),
         )
         .await;
@@ -278,6 +294,22 @@ impl Batcher {
                     let _ = reply.send(Ok(own));
                 }
             }
+        }
+    }
+}
+
+/// A flush task until it takes the queue. Dropped before that (its runtime shutting down, even
+/// before the task first ran), it tells the queue that no flush is coming, so that the next
+/// caller spawns one: nothing is left waiting for a flush that will never run.
+struct Scheduled {
+    batcher: Arc<Batcher>,
+    taken: bool,
+}
+
+impl Drop for Scheduled {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.batcher.lock().scheduled = false;
         }
     }
 }
@@ -498,6 +530,42 @@ mod tests {
             let exists: bool = redis::cmd("EXISTS").arg(key).query(&mut admin).unwrap();
             assert_eq!(exists, i % 2 == 1, "{key}");
         }
+    }
+
+    /// A client kept beyond the runtime it was used on (one shared by several `#[tokio::test]`s,
+    /// say): a flush that runtime dropped before it ran leaves no queue behind that nobody
+    /// sends, and the next runtime's crowd is answered.
+    #[test]
+    fn a_flush_lost_with_its_runtime_does_not_stall_the_queue() {
+        let server = RedisServer::start();
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = first.block_on(async {
+            let client = client(&server).await;
+            let busy = keep_busy(&client).await;
+            let mut queued = vec![Box::pin(client.get("a"))];
+            // Queued, and its flush spawned; this runtime has one thread, so it has not run.
+            poll_once(&mut queued).await;
+            drop((busy, queued));
+            client
+        });
+        drop(first);
+        let second = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            // The first runtime took the connection's task with it: wait for the reconnection.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while client.get("a").await.is_err() {
+                assert!(std::time::Instant::now() < deadline, "never reconnected");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            crowd(&client).await;
+        });
     }
 
     /// Each caller gets its own reply from a shared batch: an error reply goes to its command
