@@ -150,6 +150,21 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Clears a client's "task running" flag when the task is done with: see
+/// [`Client::spawn_once`].
+struct Running {
+    inner: std::sync::Weak<Inner>,
+    running: fn(&Inner) -> &AtomicBool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            (self.running)(&inner).store(false, Ordering::Release);
+        }
+    }
+}
+
 struct Inner {
     config: Config,
     kind: BackendKind,
@@ -752,23 +767,46 @@ impl Client {
     /// After a Sentinel-managed primary failed (or answered `READONLY`, having been demoted): ask
     /// the sentinels again until they name a primary that answers, and move the pool there.
     pub(crate) fn follow_primary(&self) {
-        if self.inner.following.swap(true, Ordering::AcqRel) {
+        self.spawn_once(
+            |inner| &inner.following,
+            |weak| async move {
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let client = Client { inner };
+                    if client.is_closed() || client.follow_once().await {
+                        return;
+                    }
+                    drop(client);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            },
+        );
+    }
+
+    /// Spawns `task` unless the one `running` stands for is still running. `running` is cleared
+    /// when the task ends, however it ends: returning, panicking, or dropped with its runtime
+    /// (even before it first ran, as when a client outlives the runtime it was used on). Left
+    /// set, it would keep this client from ever starting that task again.
+    fn spawn_once<F>(
+        &self,
+        running: fn(&Inner) -> &AtomicBool,
+        task: impl FnOnce(std::sync::Weak<Inner>) -> F,
+    ) where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if running(&self.inner).swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak = Arc::downgrade(&self.inner);
+        let guard = Running {
+            inner: Arc::downgrade(&self.inner),
+            running,
+        };
+        let task = task(Arc::downgrade(&self.inner));
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let Some(inner) = weak.upgrade() else { return };
-                let client = Client { inner };
-                if client.is_closed() || client.follow_once().await {
-                    client.inner.following.store(false, Ordering::Release);
-                    return;
-                }
-                drop(client);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
-            }
+            let _guard = guard;
+            task.await;
         });
     }
 
@@ -814,27 +852,24 @@ impl Client {
     /// connection only reconnects when a call fails on it, and an open circuit sends no calls;
     /// without this, recovery would wait for probes to walk the pool one cool-down at a time.
     fn spawn_recovery(&self) {
-        if self.inner.recovering.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let inner = Arc::downgrade(&self.inner);
         let pause = (self.inner.config.breaker_cooldown / 4).max(Duration::from_millis(50));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(pause).await;
-                let Some(inner) = inner.upgrade() else { return };
-                let client = Client { inner };
-                if client.is_closed() || client.inner.breaker.state() == BreakerState::Closed {
-                    client.inner.recovering.store(false, Ordering::Release);
-                    return;
+        self.spawn_once(
+            |inner| &inner.recovering,
+            move |weak| async move {
+                loop {
+                    tokio::time::sleep(pause).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let client = Client { inner };
+                    if client.is_closed() || client.inner.breaker.state() == BreakerState::Closed {
+                        return;
+                    }
+                    if client.ping_all().await.is_ok() {
+                        client.inner.breaker.close();
+                        return;
+                    }
                 }
-                if client.ping_all().await.is_ok() {
-                    client.inner.breaker.close();
-                    client.inner.recovering.store(false, Ordering::Release);
-                    return;
-                }
-            }
-        });
+            },
+        );
     }
 
     async fn run_on<T, F, Fut>(
@@ -1699,6 +1734,49 @@ mod tests {
                 .filter(|line| line.contains(" cmd=get ") || line.contains(" cmd=exists "))
                 .count();
             assert_eq!(used, 1, "{clients}");
+        });
+    }
+
+    /// The client's background tasks (following the sentinels, recovering after the circuit
+    /// opened) start again after one was lost with its runtime before it ran (a client that
+    /// outlives the runtime it was used on): a flag left set would have kept them off for good.
+    #[test]
+    fn a_background_task_lost_with_its_runtime_can_start_again() {
+        let server = rediskit_testkit::RedisServer::start();
+        let running = |client: &Client| {
+            let flag = |flag: &AtomicBool| flag.load(Ordering::Acquire);
+            (
+                flag(&client.inner.following),
+                flag(&client.inner.recovering),
+            )
+        };
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = first.block_on(async {
+            let config = Config::builder().url(server.url()).build().unwrap();
+            let client = Client::connect(config).await.unwrap();
+            // Spawned on this one-thread runtime, which runs neither before it is dropped.
+            client.follow_primary();
+            client.spawn_recovery();
+            assert_eq!(running(&client), (true, true));
+            client
+        });
+        drop(first);
+        assert_eq!(running(&client), (false, false));
+
+        // And the next one runs: the circuit is closed, so it ends at its first look.
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            client.spawn_recovery();
+            assert!(running(&client).1);
+            while running(&client).1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         });
     }
 
