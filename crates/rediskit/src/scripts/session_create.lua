@@ -20,6 +20,10 @@ if count == 0 then
   redis.call('EXPIREAT', key, ends)
 elseif count <= SWEEP_BELOW or count >= max then
   local live, ended, last_end = scan(key, now, idle)
+  -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
+  -- not grow memory there) before anything changed. Deletions first would have let it through,
+  -- as Redis lets a script that has already written finish its writes.
+  redis.call('HSET', key, sid, rec)
   if #ended > 0 then
     redis.call('HDEL', key, unpack(ended))
   end
@@ -34,7 +38,6 @@ elseif count <= SWEEP_BELOW or count >= max then
       redis.call('HDEL', key, live[evicted][1])
     end
   end
-  redis.call('HSET', key, sid, rec)
   -- Every live session was seen, so the key's expiry is exactly the last one's end.
   if last_end > ends then ends = last_end end
   redis.call('EXPIREAT', key, ends)
