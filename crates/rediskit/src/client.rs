@@ -1774,7 +1774,9 @@ mod tests {
         second.block_on(async {
             client.spawn_recovery();
             assert!(running(&client).1);
+            let deadline = Instant::now() + Duration::from_secs(10);
             while running(&client).1 {
+                assert!(Instant::now() < deadline, "the recovery task never ended");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
