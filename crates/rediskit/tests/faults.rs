@@ -126,7 +126,7 @@ impl Fixture {
     async fn new(url: &str, deadline: Duration) -> Self {
         let client = Client::connect(config(url, deadline)).await.unwrap();
         // As the service does at start: the first call of a script then needs no extra round
-        // trips (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA) under one deadline.
+        // trip (EVALSHA answered NOSCRIPT, then SCRIPT LOAD and EVALSHA) under one deadline.
         client.load_scripts().await.unwrap();
         let cache = Cache::new(&client);
         let store = Sessions::new(&client, SECRET).unwrap();
@@ -419,6 +419,41 @@ async fn slow_replies() {
     .await;
     hasty.assert_works().await;
     patient.assert_works().await;
+}
+
+/// (b2) Slow Redis (400 ms per reply) that forgot the scripts (`SCRIPT FLUSH`, as a restart
+/// does): the first script call reloads its script and runs within one 1 s deadline. That is two
+/// round trips (`EVALSHA` answered `NOSCRIPT`, then `SCRIPT LOAD` and `EVALSHA` together); loading
+/// first and running after took three, 1.2 s here, and timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_script_reloads_in_two_round_trips() {
+    // Arrange: the client loaded the scripts at start (as the service does); Redis forgets them.
+    let server = RedisServer::start();
+    let proxy = FaultProxy::for_server(&server);
+    let fixture = Fixture::new(&proxy.url(), Duration::from_millis(1000)).await;
+    let _: () = admin(&server, &["SCRIPT", "FLUSH"]);
+    let _: () = admin(&server, &["CONFIG", "RESETSTAT"]);
+
+    // Act
+    proxy.latency(Duration::from_millis(400));
+    let d = fixture.deadline;
+    let rotated = bounded(d, "rotate", fixture.store.rotate(&fixture.token, None)).await;
+
+    // Assert: rotated (the script ran, once), and loaded once.
+    let rotated = rotated.unwrap();
+    proxy.pass();
+    assert_eq!(rotated.session.session_id, fixture.session_id);
+    fixture.store.lookup(rotated.token.expose()).await.unwrap();
+    let stats: String = admin(&server, &["INFO", "commandstats"]);
+    let calls = |command: &str| {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(calls("script|load"), 1, "{stats}");
+    assert_eq!(calls("hset"), 1, "the rotation wrote once: {stats}");
 }
 
 /// (c) Every connection cut, several times, under the load of 50 tasks: no panic, every call

@@ -614,6 +614,29 @@ async fn scripts_reload_after_noscript() {
     assert!(store.lookup(rotated.token.expose()).await.is_err());
 }
 
+/// The same on a Cluster: the reload goes to the node of the user's key, with the call, and
+/// the script runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_reload_after_noscript_on_a_cluster() {
+    let backend = common::Backend::cluster().await;
+    let cluster = backend.cluster.as_ref().unwrap();
+    let flush = || {
+        for port in cluster.primaries() {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query(&mut cluster.admin(port))
+                .unwrap();
+        }
+    };
+    let store = sessions(&backend.client);
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    flush();
+    let rotated = store.rotate(issued.token.expose(), None).await.unwrap();
+    flush();
+    assert_eq!(store.revoke_all("alice").await.unwrap(), 1);
+    assert!(store.lookup(rotated.token.expose()).await.is_err());
+}
+
 /// With Redis down every session operation is `unavailable` — never "not found", never a
 /// session — and works again when Redis returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

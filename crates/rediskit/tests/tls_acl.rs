@@ -191,7 +191,7 @@ async fn every_operation(client: &Client, server: &TlsRedisServer) -> rediskit::
     limiter.reset("alice").await?;
     check(limiter.check("alice").await?.allowed, "allowed after reset")?;
     // After Redis forgets its scripts (a restart, `SCRIPT FLUSH`) they load again by themselves:
-    // EVALSHA → NOSCRIPT → SCRIPT LOAD → EVALSHA.
+    // EVALSHA → NOSCRIPT, then SCRIPT LOAD and EVALSHA in one pipeline.
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]), "OK");
     check(limiter.check("bob").await?.allowed, "after SCRIPT FLUSH")?;
 

@@ -1,5 +1,6 @@
 //! Server-side Lua scripts. Each is sent once, then run by SHA (`EVALSHA`); after a Redis
-//! restart forgets it (`NOSCRIPT`), the redis crate loads it again and retries, transparently.
+//! restart forgets it (`NOSCRIPT`), the call loads it again and retries, transparently, in one
+//! more round trip.
 //!
 //! Every script's keys are passed as `KEYS`, never built inside the script, so the same script
 //! runs unchanged on Redis Cluster when its keys share a hash tag.
@@ -10,11 +11,11 @@ use std::sync::LazyLock;
 /// in a `Vec` of its own and copies them all into the command, a call writes its arguments
 /// straight into one pre-sized `EVALSHA` command: on a session rotation that was ~1,800
 /// instructions and ~20 allocations (callgrind) of the caller's side.
-pub(crate) struct Script(redis::Script);
+pub(crate) struct Script(redis::Script, &'static str);
 
 impl Script {
-    fn new(code: &str) -> Self {
-        Self(redis::Script::new(code))
+    fn new(code: &'static str) -> Self {
+        Self(redis::Script::new(code), code)
     }
 
     /// The `redis` crate's script, for `SCRIPT LOAD`.
@@ -53,7 +54,10 @@ impl Call {
     }
 
     /// Runs it; after `NOSCRIPT` (Redis restarted, or `SCRIPT FLUSH`) loads the script and
-    /// runs it once more.
+    /// runs it once more, both in one round trip: `SCRIPT LOAD` and the `EVALSHA` go as one
+    /// pipeline (on a Cluster, to the node of the call's key, where the load is needed). Two
+    /// round trips in all, where loading first and then running took three: under one command
+    /// deadline, on a slow link, that decided whether the first call after a restart succeeded.
     pub(crate) async fn invoke_async<T: redis::FromRedisValue>(
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
@@ -62,8 +66,15 @@ impl Call {
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                self.script.0.load_async(conn).await?;
-                self.cmd.query_async(conn).await
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(self.script.1);
+                let (value,): (T,) = redis::pipe()
+                    .add_command(load)
+                    .ignore()
+                    .add_command(self.cmd.clone())
+                    .query_async(conn)
+                    .await?;
+                Ok(value)
             }
             result => result,
         }
