@@ -11,29 +11,41 @@ use std::sync::LazyLock;
 /// in a `Vec` of its own and copies them all into the command, a call writes its arguments
 /// straight into one pre-sized `EVALSHA` command: on a session rotation that was ~1,800
 /// instructions and ~20 allocations (callgrind) of the caller's side.
-pub(crate) struct Script(redis::Script, &'static str);
+pub(crate) struct Script {
+    script: redis::Script,
+    /// The source, for the `SCRIPT LOAD` after `NOSCRIPT`.
+    code: &'static str,
+}
 
 impl Script {
     fn new(code: &'static str) -> Self {
-        Self(redis::Script::new(code), code)
+        Self {
+            script: redis::Script::new(code),
+            code,
+        }
     }
 
     /// The `redis` crate's script, for `SCRIPT LOAD`.
     pub(crate) fn redis(&self) -> &redis::Script {
-        &self.0
+        &self.script
     }
 
     /// A call with one key (every rediskit script but `set_many.lua` has exactly one).
     pub(crate) fn key(&'static self, key: &str) -> Call {
         let mut cmd = redis::Cmd::with_capacity(12, 96 + key.len());
-        cmd.arg("EVALSHA").arg(self.0.get_hash()).arg(1).arg(key);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(key);
         Call { script: self, cmd }
     }
 
     /// A call with `keys` (on a cluster they must share a slot).
     pub(crate) fn keys<'a>(&'static self, keys: impl ExactSizeIterator<Item = &'a str>) -> Call {
         let mut cmd = redis::Cmd::with_capacity(4 + 2 * keys.len(), 96);
-        cmd.arg("EVALSHA").arg(self.0.get_hash()).arg(keys.len());
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(keys.len());
         for key in keys {
             cmd.arg(key);
         }
@@ -67,7 +79,7 @@ impl Call {
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 let mut load = redis::cmd("SCRIPT");
-                load.arg("LOAD").arg(self.script.1);
+                load.arg("LOAD").arg(self.script.code);
                 let (value,): (T,) = redis::pipe()
                     .add_command(load)
                     .ignore()
