@@ -91,6 +91,11 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     absolute("sessions_rotated_total", sessions.rotated);
     absolute("sessions_revoked_total", sessions.revoked);
     absolute("sessions_reuse_detected_total", sessions.reuse_detected);
+    absolute("sessions_coalesced_calls_total", sessions.coalesced_calls);
+    absolute(
+        "sessions_coalesced_operations_total",
+        sessions.coalesced_operations,
+    );
     absolute("redis_commands_total", client.commands);
     absolute("redis_command_errors_total", client.errors);
     absolute("redis_command_timeouts_total", client.timeouts);

@@ -78,6 +78,13 @@ async fn metrics_are_prometheus_text() {
         commands >= batches,
         "{commands} commands in {batches} batches"
     );
+    // So are the coalesced session scripts' (several logins or refreshes at once only).
+    let calls = metric(&service, "sessions_coalesced_calls_total").await;
+    let operations = metric(&service, "sessions_coalesced_operations_total").await;
+    assert!(
+        operations >= 2.0 * calls,
+        "{operations} operations in {calls} coalesced calls"
+    );
 }
 
 /// `GET /openapi.json` is an OpenAPI 3 document listing the API's paths.

@@ -126,6 +126,23 @@ impl Error {
             })
     }
 
+    /// The same error for another caller, when one failed call answered several (a coalesced
+    /// script): kind, message, whether the connection failed, and Redis's own error (so that
+    /// `READONLY` is still recognised).
+    pub(crate) fn duplicate(&self) -> Self {
+        let source = self
+            .source
+            .as_ref()
+            .and_then(|source| source.downcast_ref::<redis::RedisError>())
+            .map(|err| Box::new(err.clone()) as Box<dyn std::error::Error + Send + Sync>);
+        Self {
+            kind: self.kind,
+            message: self.message.clone(),
+            connection: self.connection,
+            source,
+        }
+    }
+
     pub(crate) fn closed() -> Self {
         Self::new(ErrorKind::Closed, "the client was closed")
     }
@@ -217,6 +234,23 @@ mod tests {
             err.to_string(),
             "redis timed out: GET got no answer within 5 ms"
         );
+    }
+
+    /// A failed call that answered several callers gives each the same error: its kind,
+    /// message, connection flag and Redis's error (`READONLY` still sends Sentinel after the
+    /// new primary).
+    #[test]
+    fn a_duplicate_keeps_what_callers_act_on() {
+        let read_only: Error = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "READONLY",
+        ))
+        .into();
+        let copy = read_only.duplicate();
+        assert!(copy.is_read_only() && copy.is_unavailable());
+        assert_eq!(copy.to_string(), read_only.to_string());
+        let timeout = Error::timeout("EVALSHA", std::time::Duration::from_millis(5)).duplicate();
+        assert!(timeout.is_timeout() && timeout.is_connection_failure());
     }
 
     /// Transient server errors (OOM, READONLY, LOADING) are unavailability, not bugs.

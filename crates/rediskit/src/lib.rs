@@ -66,6 +66,7 @@ mod batch;
 mod breaker;
 mod cache;
 mod client;
+mod coalesce;
 mod codec;
 mod config;
 mod error;

@@ -25,6 +25,7 @@ conformance!(
     rotate_replaces_the_token,
     reuse_revokes_the_family,
     concurrent_rotations_have_one_winner,
+    concurrent_users_each_get_their_own_answer,
     grace_window_gives_the_same_token,
     revoke_one,
     revoke_all_counts_and_ends_everything,
@@ -166,6 +167,46 @@ async fn concurrent_rotations_have_one_winner(client: &Client) {
         "the losers' reuse revoked the family"
     );
     assert_eq!(store.sessions("alice").await.unwrap(), vec![]);
+}
+
+/// 64 users creating and rotating at once (on Redis their scripts are coalesced): each caller
+/// gets its own session and token, never another's, and every token chain stays usable.
+async fn concurrent_users_each_get_their_own_answer(client: &Client) {
+    let store = sessions(client);
+    let users: Vec<String> = (0..64).map(|i| format!("user{i}")).collect();
+    let issued = futures_util::future::join_all(
+        users
+            .iter()
+            .map(|user| store.create(user, user, None, None)),
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for (user, issued) in users.iter().zip(issued) {
+        let issued = issued.unwrap();
+        assert_eq!(
+            (&issued.session.user_id, &issued.session.device),
+            (user, user)
+        );
+        tokens.push(issued.token.into_string());
+    }
+    for round in 1..=3 {
+        let rotated =
+            futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None)))
+                .await;
+        for ((user, token), rotated) in users.iter().zip(&mut tokens).zip(rotated) {
+            let rotated = rotated.unwrap();
+            assert_eq!(rotated.session.user_id, *user);
+            assert_eq!(rotated.session.generation, round);
+            *token = rotated.token.into_string();
+        }
+    }
+    for (user, token) in users.iter().zip(&tokens) {
+        let session = store.lookup(token).await.unwrap();
+        assert_eq!((&session.user_id, session.generation), (user, 3));
+        assert_eq!(store.sessions(user).await.unwrap(), vec![session]);
+    }
+    let stats = store.stats();
+    assert_eq!((stats.created, stats.rotated), (64, 192));
 }
 
 /// With a grace window, a second refresh of the same token soon after gets the same new token
@@ -819,4 +860,189 @@ async fn logout_races_refresh() {
         );
     }
     eprintln!("refresh ran first in {refresh_won} of 100 rounds");
+}
+
+/// How many `EVALSHA`s the server ran since its stats were reset.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let info: String = admin_cmd(server, &["INFO", "commandstats"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// A store on a fresh redis-server with its scripts loaded and its stats reset.
+async fn coalescing_store() -> (common::Backend, Sessions) {
+    let backend = common::Backend::redis().await;
+    backend.client.load_scripts().await.unwrap();
+    let store = sessions(&backend.client);
+    let () = admin_cmd(backend.server.as_ref().unwrap(), &["CONFIG", "RESETSTAT"]);
+    (backend, store)
+}
+
+/// Creations and rotations started together leave as few script calls: on one thread, 64
+/// callers at once are 2 calls sent at once and 2 coalesced ones (32 and 30 operations), where
+/// each caller alone was one call.
+#[tokio::test]
+async fn concurrent_scripts_are_coalesced() {
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let users: Vec<String> = (0..64).map(|i| format!("u{i}")).collect();
+    let created = futures_util::future::join_all(
+        users.iter().map(|user| store.create(user, "d", None, None)),
+    )
+    .await;
+    let tokens: Vec<String> = created
+        .into_iter()
+        .map(|issued| issued.unwrap().token.into_string())
+        .collect();
+    let rotated =
+        futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None))).await;
+    assert!(rotated.iter().all(Result::is_ok));
+    let stats = store.stats();
+    let calls = evalsha_calls(server);
+    assert_eq!(calls, 8, "128 operations took {calls} EVALSHAs");
+    assert_eq!(
+        (stats.coalesced_calls, stats.coalesced_operations),
+        (4, 124)
+    );
+}
+
+/// In a coalesced call, an operation that fails (its user's key holds a string) fails alone:
+/// the others' creations and rotations stand, and the foreign key is untouched.
+#[tokio::test]
+async fn a_coalesced_operation_fails_alone() {
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let () = admin_cmd(server, &["SET", "rk:s:{bad}", "not a hash"]);
+    // The first two go at once; the rest wait and leave together.
+    let users = ["a", "b", "c", "bad", "d", "e"];
+    let created = futures_util::future::join_all(
+        users.iter().map(|user| store.create(user, "d", None, None)),
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for (user, result) in users.iter().zip(created) {
+        match result {
+            Err(err) if *user == "bad" => {
+                assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
+                assert!(err.message().contains("WRONGTYPE"), "{err}");
+            }
+            result => tokens.push(
+                result
+                    .map_err(|err| format!("{user}: {err}"))
+                    .unwrap()
+                    .token
+                    .into_string(),
+            ),
+        }
+    }
+    assert_eq!(store.stats().coalesced_calls, 1);
+    let value: String = admin_cmd(server, &["GET", "rk:s:{bad}"]);
+    assert_eq!(value, "not a hash");
+
+    // The same for rotations: `c`'s hash is replaced by a string after its token was issued.
+    let () = admin_cmd(server, &["SET", "rk:s:{c}", "not a hash"]);
+    let rotated =
+        futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None))).await;
+    for (user, result) in ["a", "b", "c", "d", "e"].iter().zip(rotated) {
+        match result {
+            Err(err) if *user == "c" => assert!(err.message().contains("WRONGTYPE"), "{err}"),
+            result => {
+                let issued = result.unwrap();
+                assert_eq!(
+                    (issued.session.user_id.as_str(), issued.session.generation),
+                    (*user, 1)
+                );
+                store.lookup(issued.token.expose()).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(store.stats().coalesced_calls, 2);
+}
+
+/// A write Redis refuses for its own state (out of memory, a read-only replica) fails every
+/// operation of a coalesced call as it fails each alone, and writes nothing: the tokens
+/// presented still work afterwards, and no session was created.
+#[tokio::test]
+async fn a_refused_write_fails_every_coalesced_operation() {
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let users = ["a", "b", "c", "d", "e", "f"];
+    let mut tokens = Vec::new();
+    for user in users {
+        tokens.push(
+            store
+                .create(user, "d", None, None)
+                .await
+                .unwrap()
+                .token
+                .into_string(),
+        );
+    }
+    let keys: u64 = admin_cmd(server, &["DBSIZE"]);
+    let replica_of = rediskit_testkit::free_port().to_string();
+    let cases: [(Vec<&str>, Vec<&str>); 2] = [
+        (
+            vec!["CONFIG", "SET", "maxmemory", "1"],
+            vec!["CONFIG", "SET", "maxmemory", "0"],
+        ),
+        (
+            vec!["REPLICAOF", "127.0.0.1", &replica_of],
+            vec!["REPLICAOF", "NO", "ONE"],
+        ),
+    ];
+    for (refuse, allow) in cases {
+        let () = admin_cmd(server, &refuse);
+        let before = store.stats().coalesced_calls;
+        let rotated =
+            futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None)))
+                .await;
+        let created = futures_util::future::join_all(
+            ["g", "h", "i", "j"]
+                .iter()
+                .map(|user| store.create(user, "d", None, None)),
+        )
+        .await;
+        for err in rotated.into_iter().chain(created).map(Result::unwrap_err) {
+            assert!(err.is_unavailable(), "{refuse:?}: {err}");
+        }
+        assert_eq!(store.stats().coalesced_calls, before + 2, "{refuse:?}");
+        let () = admin_cmd(server, &allow);
+        assert_eq!(admin_cmd::<u64>(server, &["DBSIZE"]), keys, "{refuse:?}");
+        for token in &tokens {
+            assert_eq!(
+                store.lookup(token).await.unwrap().generation,
+                0,
+                "{refuse:?}"
+            );
+        }
+    }
+}
+
+/// A caller that gives up while its operation waits for the next call is left out of it: its
+/// session is never created.
+#[tokio::test]
+async fn an_abandoned_operation_is_not_sent() {
+    use futures_util::FutureExt as _;
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let mut first = Box::pin(store.create("first", "d", None, None));
+    let mut second = Box::pin(store.create("second", "d", None, None));
+    let mut gone = Box::pin(store.create("gone", "d", None, None));
+    // Two calls in flight; the third waits for one of them to return.
+    assert!((&mut first).now_or_never().is_none());
+    assert!((&mut second).now_or_never().is_none());
+    assert!((&mut gone).now_or_never().is_none());
+    drop(gone);
+    first.await.unwrap();
+    second.await.unwrap();
+    // Let the flush that the returning calls started run.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(admin_cmd::<u64>(server, &["EXISTS", "rk:s:{gone}"]), 0);
+    assert_eq!(evalsha_calls(server), 2);
+    assert_eq!(store.stats().coalesced_calls, 0);
 }

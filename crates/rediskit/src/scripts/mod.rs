@@ -74,22 +74,53 @@ impl Call {
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> redis::RedisResult<T> {
-        match self.cmd.query_async(conn).await {
+        Ok(redis::from_redis_value(
+            self.invoke_value(conn).await?.extract_error()?,
+        )?)
+    }
+
+    /// Runs it as [`invoke_async`](Call::invoke_async) does, and returns the reply as it came:
+    /// an error reply is an error, but errors nested in an array stay in place (each operation
+    /// of a coalesced call answers for itself).
+    pub(crate) async fn invoke_value(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<redis::Value> {
+        match conn
+            .req_packed_command(&self.cmd)
+            .await
+            .and_then(error_reply)
+        {
             Err(err)
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 let mut load = redis::cmd("SCRIPT");
                 load.arg("LOAD").arg(self.script.code);
-                let (value,): (T,) = redis::pipe()
-                    .add_command(load)
-                    .ignore()
-                    .add_command(self.cmd.clone())
-                    .query_async(conn)
-                    .await?;
-                Ok(value)
+                let mut pipeline = redis::pipe();
+                pipeline.add_command(load).add_command(self.cmd.clone());
+                let mut replies = conn.req_packed_commands(&pipeline, 0, 2).await?.into_iter();
+                // A failed load shows as the EVALSHA's own NOSCRIPT, which is what went wrong.
+                let _loaded = replies.next();
+                replies
+                    .next()
+                    .ok_or_else(|| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::Client,
+                            "no reply to EVALSHA after SCRIPT LOAD",
+                        ))
+                    })
+                    .and_then(error_reply)
             }
             result => result,
         }
+    }
+}
+
+/// A reply that is an error reply, as an error.
+fn error_reply(value: redis::Value) -> redis::RedisResult<redis::Value> {
+    match value {
+        redis::Value::ServerError(err) => Err(err.into()),
+        value => Ok(value),
     }
 }
 

@@ -1,51 +1,56 @@
--- Create a session. ARGV[1]: sid. ARGV[2], packed: >I4 ttl secs, >I4 idle secs, >I4 max
--- sessions, c16 secret hash, then the record's tail (device length byte, device, metadata).
+-- Create sessions: one per key (see `each`). For each, the sid, then packed: >I4 ttl secs,
+-- >I4 idle secs, >I4 max sessions, c16 secret hash, then the record's tail (device length
+-- byte, device, metadata).
 -- (Numbers travel packed, not as decimal text: one argument instead of seven, and no tonumber;
 -- redis-server spent about a microsecond per call on the extra arguments.)
--- Returns now; or {now, evicted} when older sessions were evicted to make room.
-local key, sid, packed = KEYS[1], ARGV[1], ARGV[2]
-local ttl, idle, max, hash = struct.unpack('>I4I4I4c16', packed)
+-- A creation answers now; or {now, evicted} when older sessions were evicted to make room.
 local now = now_secs()
-local expires = now + ttl
-local ends = ends_at(now, expires, idle)
-local rec = struct.pack(FMT, 0, hash, now, now, expires, now) .. string.sub(packed, 29)
--- Sweeping reads every session of the user: do it when the user has few (cheap, keeps small
--- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
--- create is O(1); ended sessions wait for the next sweep or for the key to expire.
-local evicted = 0
-local count = redis.call('HLEN', key)
-if count == 0 then
-  -- A new key: nothing to sweep, and its expiry is this session's end.
-  redis.call('HSET', key, sid, rec)
-  redis.call('EXPIREAT', key, ends)
-elseif count <= SWEEP_BELOW or count >= max then
-  local live, ended, last_end = scan(key, now, idle)
-  -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
-  -- not grow memory there) before anything changed. Deletions first would have let it through,
-  -- as Redis lets a script that has already written finish its writes.
-  redis.call('HSET', key, sid, rec)
-  if #ended > 0 then
-    redis.call('HDEL', key, unpack(ended))
-  end
-  -- Evict the oldest until the new session fits under the cap.
-  if #live >= max then
-    table.sort(live, function(a, b)
-      if a[2] == b[2] then return a[1] < b[1] end
-      return a[2] < b[2]
-    end)
-    while #live - evicted >= max do
-      evicted = evicted + 1
-      redis.call('HDEL', key, live[evicted][1])
+
+local function create(key, sid, packed)
+  local ttl, idle, max, hash = struct.unpack('>I4I4I4c16', packed)
+  local expires = now + ttl
+  local ends = ends_at(now, expires, idle)
+  local rec = struct.pack(FMT, 0, hash, now, now, expires, now) .. string.sub(packed, 29)
+  -- Sweeping reads every session of the user: do it when the user has few (cheap, keeps small
+  -- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
+  -- create is O(1); ended sessions wait for the next sweep or for the key to expire.
+  local evicted = 0
+  local count = redis.call('HLEN', key)
+  if count == 0 then
+    -- A new key: nothing to sweep, and its expiry is this session's end.
+    redis.call('HSET', key, sid, rec)
+    redis.call('EXPIREAT', key, ends)
+  elseif count <= SWEEP_BELOW or count >= max then
+    local live, ended, last_end = scan(key, now, idle)
+    -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
+    -- not grow memory there) before anything changed. Deletions first would have let it through,
+    -- as Redis lets a script that has already written finish its writes.
+    redis.call('HSET', key, sid, rec)
+    if #ended > 0 then
+      redis.call('HDEL', key, unpack(ended))
     end
+    -- Evict the oldest until the new session fits under the cap.
+    if #live >= max then
+      table.sort(live, function(a, b)
+        if a[2] == b[2] then return a[1] < b[1] end
+        return a[2] < b[2]
+      end)
+      while #live - evicted >= max do
+        evicted = evicted + 1
+        redis.call('HDEL', key, live[evicted][1])
+      end
+    end
+    -- Every live session was seen, so the key's expiry is exactly the last one's end.
+    if last_end > ends then ends = last_end end
+    redis.call('EXPIREAT', key, ends)
+  else
+    redis.call('HSET', key, sid, rec)
+    extend(key, ends)
   end
-  -- Every live session was seen, so the key's expiry is exactly the last one's end.
-  if last_end > ends then ends = last_end end
-  redis.call('EXPIREAT', key, ends)
-else
-  redis.call('HSET', key, sid, rec)
-  extend(key, ends)
+  if evicted > 0 then
+    return {now, evicted}
+  end
+  return now
 end
-if evicted > 0 then
-  return {now, evicted}
-end
-return now
+
+return each(create)

@@ -74,3 +74,46 @@ end
 local function extend(key, ends)
   redis.call('EXPIREAT', key, ends, 'GT')
 end
+
+-- The error code of what `pcall` caught: Redis 7.0 hands a failed `redis.call` to it as the
+-- error's text ('WRONGTYPE Operation against ...'); a Lua error's text has no code.
+local function error_code(err)
+  if type(err) == 'table' then
+    err = err.err
+  end
+  if type(err) ~= 'string' then
+    return nil
+  end
+  return string.match(err, '^(%u[%u_]*) ')
+end
+
+-- Codes that refuse a write because of the server's state (out of memory, a read-only replica,
+-- a failing disk, too few replicas). Redis refuses every write of the script alike (OOM only
+-- before the script's first write), so when one is raised the script has written nothing.
+local REFUSED = {OOM = true, READONLY = true, MISCONF = true, NOREPLICAS = true}
+
+-- Runs `op(KEYS[i], ARGV[2i - 1], ARGV[2i])` for each key: one caller's operation each, sent
+-- together by the client when several wait (coalesce.rs). With one key, answers that
+-- operation's reply; else an array of them, in which an operation that failed is an error
+-- reply of its own and the others stand. A refused write fails the whole call, as it would
+-- have failed each operation alone.
+local function each(op)
+  if #KEYS == 1 then
+    return op(KEYS[1], ARGV[1], ARGV[2])
+  end
+  local out = {}
+  for i = 1, #KEYS do
+    local ok, reply = pcall(op, KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
+    if ok then
+      out[i] = reply
+    else
+      local code = error_code(reply)
+      if code and REFUSED[code] then
+        return redis.error_reply(type(reply) == 'table' and reply.err or reply)
+      end
+      local text = type(reply) == 'table' and reply.err or tostring(reply)
+      out[i] = redis.error_reply(code and text or 'ERR ' .. text)
+    end
+  end
+  return out
+end

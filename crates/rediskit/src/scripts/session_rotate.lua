@@ -1,39 +1,44 @@
--- Rotate a refresh token. ARGV[1]: sid. ARGV[2], packed (see session_create.lua for why):
--- >I4 presented generation, the presented secret hash as four >I4 words, c16 next secret hash,
--- >I4 ttl secs, >I4 idle secs, >I4 grace secs.
--- Returns the session's record at the next generation (a string: rotated now, or earlier within
--- the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family was revoked).
-local key, sid = KEYS[1], ARGV[1]
-local presented, p1, p2, p3, p4, next_hash, ttl, idle, grace =
-  struct.unpack('>I4I4I4I4I4c16I4I4I4', ARGV[2])
+-- Rotate refresh tokens: one rotation per key (see `each`). For each, the sid, then packed
+-- (see session_create.lua for why): >I4 presented generation, the presented secret hash as four
+-- >I4 words, c16 next secret hash, >I4 ttl secs, >I4 idle secs, >I4 grace secs.
+-- A rotation answers the session's record at the next generation (a string: rotated now, or
+-- earlier within the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family
+-- was revoked).
 local now = now_secs()
-local rec = redis.call('HGET', key, sid)
-if not rec then
-  return 0
-end
-local gen, h1, h2, h3, h4, created, last, expires, rotated = struct.unpack(FMT_WORDS, rec)
-if ends_at(last, expires, idle) <= now then
-  redis.call('HDEL', key, sid)
-  sweep(key, now, idle)
-  return 2
-end
-if presented == gen then
-  if not hash_eq(h1, h2, h3, h4, p1, p2, p3, p4) then
+
+local function rotate(key, sid, packed)
+  local presented, p1, p2, p3, p4, next_hash, ttl, idle, grace =
+    struct.unpack('>I4I4I4I4I4c16I4I4I4', packed)
+  local rec = redis.call('HGET', key, sid)
+  if not rec then
     return 0
   end
-  local new_expires = now + ttl
-  local new_rec = struct.pack(FMT, gen + 1, next_hash, created, now, new_expires, now)
-    .. string.sub(rec, HEAD + 1)
-  redis.call('HSET', key, sid, new_rec)
-  extend(key, ends_at(now, new_expires, idle))
-  return new_rec
+  local gen, h1, h2, h3, h4, created, last, expires, rotated = struct.unpack(FMT_WORDS, rec)
+  if ends_at(last, expires, idle) <= now then
+    redis.call('HDEL', key, sid)
+    sweep(key, now, idle)
+    return 2
+  end
+  if presented == gen then
+    if not hash_eq(h1, h2, h3, h4, p1, p2, p3, p4) then
+      return 0
+    end
+    local new_expires = now + ttl
+    local new_rec = struct.pack(FMT, gen + 1, next_hash, created, now, new_expires, now)
+      .. string.sub(rec, HEAD + 1)
+    redis.call('HSET', key, sid, new_rec)
+    extend(key, ends_at(now, new_expires, idle))
+    return new_rec
+  end
+  if presented + 1 == gen and grace > 0 and now - rotated <= grace then
+    return rec
+  end
+  if presented < gen then
+    redis.call('HDEL', key, sid)
+    sweep(key, now, idle)
+    return 4
+  end
+  return 0
 end
-if presented + 1 == gen and grace > 0 and now - rotated <= grace then
-  return rec
-end
-if presented < gen then
-  redis.call('HDEL', key, sid)
-  sweep(key, now, idle)
-  return 4
-end
-return 0
+
+return each(rotate)

@@ -1,0 +1,294 @@
+//! Coalescing of the session scripts: concurrent creations (or rotations) leave as one `EVALSHA`
+//! that does each caller's operation in turn.
+//!
+//! Under load the session scripts are bound by redis-server, not by the client: each `EVALSHA`
+//! costs it a fixed part (the call itself, setting up `KEYS` and `ARGV`, `TIME`, the reply)
+//! on top of the operation's own work. With several operations in one call that part is paid
+//! once (docs/benchmarks.md, session 8, has the measurements).
+//!
+//! A call goes out at once while fewer than [`IN_FLIGHT`] calls of its kind are in flight.
+//! Beyond that, callers queue, and the next call to go (when one in flight returns) takes up to
+//! [`MAX_OPS`] of them. So a lone caller pays nothing, and under load the batches grow with the
+//! queue rather than with a timer.
+//!
+//! Each operation stays what it was alone:
+//! - **Atomic on its own key.** The script runs one operation after the other; none sees another
+//!   half done, and Redis runs the whole call without interleaving other clients' commands.
+//! - **Its own answer.** The script answers an array with each operation's reply, an error
+//!   reply of its own for one that failed (a `WRONGTYPE` key, say), and the others stand.
+//!   A write Redis refuses for its own state (`OOM`, `READONLY`, `MISCONF`, `NOREPLICAS`) fails
+//!   the whole call before anything is written (Redis refuses every write of the script alike),
+//!   so each caller gets that error, as it would have alone; on Sentinel, `READONLY` still
+//!   sends the client after the new primary.
+//! - **Its own deadline.** A caller that gives up (its deadline, or its future dropped) before
+//!   its operation was taken is left out, as an abandoned command is by the auto-pipelining
+//!   queue: its outcome was reported unknown, and not running it is one of the outcomes.
+//!
+//! Not coalesced: a Redis Cluster (the keys of one call must share a slot, and users' keys do
+//! not), and a client with [`Config::auto_pipeline`](crate::Config::auto_pipeline) off.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use redis::Value;
+use tokio::sync::oneshot;
+
+use crate::client::{BackendKind, Client};
+use crate::error::{Error, ErrorKind, Result};
+use crate::scripts::Script;
+
+/// Calls of one kind in flight at once before callers queue for the next one.
+pub(crate) const IN_FLIGHT: usize = 2;
+
+/// Operations one call carries at most; redis-server runs them back to back (a few µs each),
+/// and no other client's command runs meanwhile.
+pub(crate) const MAX_OPS: usize = 32;
+
+/// One session script's queue, with what it has sent.
+pub(crate) struct Coalescer {
+    client: Client,
+    script: &'static Script,
+    /// The command's name in errors and logs, e.g. `EVALSHA session_rotate`.
+    what: &'static str,
+    state: Mutex<State>,
+    /// Calls that carried more than one operation, and the operations they carried.
+    batches: AtomicU64,
+    batched: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    waiting: Vec<Op>,
+    /// Calls in flight (sent alone or coalesced).
+    in_flight: usize,
+    /// A flush task is spawned that has not taken the queue yet.
+    scheduled: bool,
+}
+
+/// One caller's operation: the key, then the script's two arguments for it.
+struct Op {
+    key: String,
+    sid: String,
+    packed: Vec<u8>,
+    reply: oneshot::Sender<Result<Value>>,
+}
+
+/// Counters of a [`Coalescer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Coalesced {
+    pub(crate) batches: u64,
+    pub(crate) operations: u64,
+}
+
+impl Coalescer {
+    pub(crate) fn new(client: Client, script: &'static Script, what: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            script,
+            what,
+            state: Mutex::new(State::default()),
+            batches: AtomicU64::new(0),
+            batched: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> Coalesced {
+        Coalesced {
+            batches: self.batches.load(Ordering::Relaxed),
+            operations: self.batched.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs the script for one operation on `key`, alone or with others', and returns its reply.
+    pub(crate) async fn run(
+        self: &Arc<Self>,
+        key: &str,
+        sid: &str,
+        packed: &[u8],
+    ) -> Result<Value> {
+        if !self.coalesces() {
+            return self.send_one(key, sid, packed).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut state = self.lock();
+            if state.in_flight < IN_FLIGHT && state.waiting.is_empty() {
+                state.in_flight += 1;
+                None
+            } else {
+                state.waiting.push(Op {
+                    key: key.to_owned(),
+                    sid: sid.to_owned(),
+                    packed: packed.to_vec(),
+                    reply,
+                });
+                Some(state.in_flight < IN_FLIGHT && !std::mem::replace(&mut state.scheduled, true))
+            }
+        };
+        let Some(start) = start else {
+            let _done = Done(self);
+            return self.send_one(key, sid, packed).await;
+        };
+        if start {
+            tokio::spawn(self.clone().flush());
+        }
+        let deadline = self.client.config().command_timeout;
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the {} call carrying this operation was dropped (its runtime shut down); \
+                     the outcome is unknown",
+                    self.what
+                ),
+            )),
+            Err(_) => Err(Error::timeout(self.what, deadline)),
+        }
+    }
+
+    fn coalesces(&self) -> bool {
+        self.client.config().auto_pipeline && self.client.backend() != BackendKind::Cluster
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn send_one(&self, key: &str, sid: &str, packed: &[u8]) -> Result<Value> {
+        let script = self.script;
+        self.client
+            .run(self.what, |mut c| async move {
+                script
+                    .key(key)
+                    .arg(sid)
+                    .arg(packed)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    /// Takes up to [`MAX_OPS`] waiting operations and sends them as one call. (Boxed: a flush
+    /// may start the next one.)
+    fn flush(self: Arc<Self>) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(self.flush_now())
+    }
+
+    async fn flush_now(self: Arc<Self>) {
+        let mut scheduled = Scheduled {
+            coalescer: &self,
+            taken: false,
+        };
+        // Callers that are ready to queue do so meanwhile.
+        tokio::task::yield_now().await;
+        let ops: Vec<Op> = {
+            let mut state = self.lock();
+            state.scheduled = false;
+            scheduled.taken = true;
+            // A caller that gave up is left out (see the module's docs).
+            state.waiting.retain(|op| !op.reply.is_closed());
+            if state.waiting.is_empty() {
+                return;
+            }
+            state.in_flight += 1;
+            let n = state.waiting.len().min(MAX_OPS);
+            let ops = state.waiting.drain(..n).collect();
+            // More than this call carries, and another may go: it goes now.
+            if !state.waiting.is_empty() && state.in_flight < IN_FLIGHT {
+                state.scheduled = true;
+                tokio::spawn(self.clone().flush());
+            }
+            ops
+        };
+        let _done = Done(&self);
+        let ops = match <[Op; 1]>::try_from(ops) {
+            // Alone: the script's own reply, as for a call sent at once.
+            Ok([op]) => {
+                let result = self.send_one(&op.key, &op.sid, &op.packed).await;
+                let _ = op.reply.send(result);
+                return;
+            }
+            Err(ops) => ops,
+        };
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batched.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let mut call = self.script.keys(ops.iter().map(|op| op.key.as_str()));
+        for op in &ops {
+            call = call.arg(&op.sid).arg(&op.packed[..]);
+        }
+        let call = &call;
+        let result: Result<Value> = self
+            .client
+            .run(
+                self.what,
+                |mut c| async move { call.invoke_value(&mut c).await },
+            )
+            .await;
+        match result {
+            Ok(Value::Array(replies)) if replies.len() == ops.len() => {
+                for (op, reply) in ops.into_iter().zip(replies) {
+                    let reply = match reply {
+                        Value::ServerError(err) => Err(Error::from(redis::RedisError::from(err))),
+                        value => Ok(value),
+                    };
+                    let _ = op.reply.send(reply);
+                }
+            }
+            Ok(_) => {
+                for op in ops {
+                    let _ = op.reply.send(Err(Error::new(
+                        ErrorKind::Backend,
+                        format!("unexpected reply from a coalesced {}", self.what),
+                    )));
+                }
+            }
+            Err(err) => {
+                for op in ops {
+                    let _ = op.reply.send(Err(err.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// One call in flight fewer; starts a flush for the callers waiting, if none is coming.
+    fn finished(self: &Arc<Self>) {
+        let start = {
+            let mut state = self.lock();
+            state.in_flight -= 1;
+            !state.waiting.is_empty() && !std::mem::replace(&mut state.scheduled, true)
+        };
+        if start {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(self.clone().flush())),
+                // No runtime to run it (this ran as the runtime went): the next caller starts one.
+                Err(_) => self.lock().scheduled = false,
+            }
+        }
+    }
+}
+
+/// A call in flight, until it returns or is dropped.
+struct Done<'a>(&'a Arc<Coalescer>);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.finished();
+    }
+}
+
+/// A flush task until it takes the queue. Dropped before that (its runtime shutting down), it
+/// tells the queue that no flush is coming, so that the next caller or call that returns starts
+/// one: nothing waits for a flush that will never run.
+struct Scheduled<'a> {
+    coalescer: &'a Arc<Coalescer>,
+    taken: bool,
+}
+
+impl Drop for Scheduled<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.coalescer.lock().scheduled = false;
+        }
+    }
+}
