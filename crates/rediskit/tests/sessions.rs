@@ -881,8 +881,8 @@ async fn coalescing_store() -> (common::Backend, Sessions) {
 }
 
 /// Creations and rotations started together leave as few script calls: on one thread, 64
-/// callers at once are 2 calls sent at once and 2 coalesced ones (32 and 30 operations), where
-/// each caller alone was one call.
+/// callers at once are 4 calls sent at once (`coalesce::IN_FLIGHT`) and 2 coalesced ones (32
+/// and 28 operations), where each caller alone was one call.
 #[tokio::test]
 async fn concurrent_scripts_are_coalesced() {
     let (backend, store) = coalescing_store().await;
@@ -901,10 +901,10 @@ async fn concurrent_scripts_are_coalesced() {
     assert!(rotated.iter().all(Result::is_ok));
     let stats = store.stats();
     let calls = evalsha_calls(server);
-    assert_eq!(calls, 8, "128 operations took {calls} EVALSHAs");
+    assert_eq!(calls, 12, "128 operations took {calls} EVALSHAs");
     assert_eq!(
         (stats.coalesced_calls, stats.coalesced_operations),
-        (4, 124)
+        (4, 120)
     );
 }
 
@@ -915,8 +915,8 @@ async fn a_coalesced_operation_fails_alone() {
     let (backend, store) = coalescing_store().await;
     let server = backend.server.as_ref().unwrap();
     let () = admin_cmd(server, &["SET", "rk:s:{bad}", "not a hash"]);
-    // The first two go at once; the rest wait and leave together.
-    let users = ["a", "b", "c", "bad", "d", "e"];
+    // The first four go at once; the rest wait and leave together.
+    let users = ["a", "b", "c", "d", "bad", "e", "f"];
     let created = futures_util::future::join_all(
         users.iter().map(|user| store.create(user, "d", None, None)),
     )
@@ -941,13 +941,13 @@ async fn a_coalesced_operation_fails_alone() {
     let value: String = admin_cmd(server, &["GET", "rk:s:{bad}"]);
     assert_eq!(value, "not a hash");
 
-    // The same for rotations: `c`'s hash is replaced by a string after its token was issued.
-    let () = admin_cmd(server, &["SET", "rk:s:{c}", "not a hash"]);
+    // The same for rotations: `e`'s hash is replaced by a string after its token was issued.
+    let () = admin_cmd(server, &["SET", "rk:s:{e}", "not a hash"]);
     let rotated =
         futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None))).await;
-    for (user, result) in ["a", "b", "c", "d", "e"].iter().zip(rotated) {
+    for (user, result) in ["a", "b", "c", "d", "e", "f"].iter().zip(rotated) {
         match result {
-            Err(err) if *user == "c" => assert!(err.message().contains("WRONGTYPE"), "{err}"),
+            Err(err) if *user == "e" => assert!(err.message().contains("WRONGTYPE"), "{err}"),
             result => {
                 let issued = result.unwrap();
                 assert_eq!(
@@ -999,7 +999,7 @@ async fn a_refused_write_fails_every_coalesced_operation() {
             futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None)))
                 .await;
         let created = futures_util::future::join_all(
-            ["g", "h", "i", "j"]
+            ["g", "h", "i", "j", "k", "l"]
                 .iter()
                 .map(|user| store.create(user, "d", None, None)),
         )
@@ -1027,22 +1027,26 @@ async fn an_abandoned_operation_is_not_sent() {
     use futures_util::FutureExt as _;
     let (backend, store) = coalescing_store().await;
     let server = backend.server.as_ref().unwrap();
-    let mut first = Box::pin(store.create("first", "d", None, None));
-    let mut second = Box::pin(store.create("second", "d", None, None));
+    // Four calls in flight (`coalesce::IN_FLIGHT`); the fifth waits for one of them to return.
+    let mut in_flight: Vec<_> = ["a", "b", "c", "d"]
+        .into_iter()
+        .map(|user| Box::pin(store.create(user, "d", None, None)))
+        .collect();
     let mut gone = Box::pin(store.create("gone", "d", None, None));
-    // Two calls in flight; the third waits for one of them to return.
-    assert!((&mut first).now_or_never().is_none());
-    assert!((&mut second).now_or_never().is_none());
+    for call in &mut in_flight {
+        assert!(call.now_or_never().is_none());
+    }
     assert!((&mut gone).now_or_never().is_none());
     drop(gone);
-    first.await.unwrap();
-    second.await.unwrap();
+    for call in in_flight {
+        call.await.unwrap();
+    }
     // Let the flush that the returning calls started run.
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(admin_cmd::<u64>(server, &["EXISTS", "rk:s:{gone}"]), 0);
-    assert_eq!(evalsha_calls(server), 2);
+    assert_eq!(evalsha_calls(server), 4);
     assert_eq!(store.stats().coalesced_calls, 0);
 }
