@@ -35,9 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
-use sha2::Sha256;
+use ring::hmac;
 
 use crate::client::Client;
 use crate::coalesce::Coalescer;
@@ -45,8 +44,6 @@ use crate::config::Secret;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys;
 use crate::near::{self, NearCacheConfig, NearStats, NearStore};
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Lifetime of a refresh token unless the caller says otherwise: 30 days.
 pub const DEFAULT_REFRESH_TTL: Duration = Duration::from_secs(30 * 86_400);
@@ -868,25 +865,29 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Keys derived from the configured secret, one per purpose, each held as an HMAC already
-/// keyed: a use clones it instead of hashing the key's two pads again (two of the four
-/// SHA-256 blocks of a short HMAC; five HMACs per rotation).
+/// Keys derived from the configured secret, one per purpose, each an HMAC-SHA256 key whose two
+/// padded blocks are hashed once, here: a use starts from them (two of the four SHA-256 blocks
+/// of a short HMAC; five HMACs per rotation). ring's SHA-256 rather than the `sha2` crate's:
+/// on CPUs without the SHA extensions (this VM's Xeon) `sha2` runs its portable code, ~700 ns
+/// per HMAC against ring's ~475 ns (docs/benchmarks.md, session 8); the bytes are the same.
 pub(crate) struct TokenKeys {
-    mac: HmacSha256,
-    hash: HmacSha256,
-    rotate: HmacSha256,
+    mac: hmac::Key,
+    hash: hmac::Key,
+    rotate: hmac::Key,
 }
 
-fn keyed(key: &[u8]) -> HmacSha256 {
-    HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length")
+fn keyed(key: &[u8]) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, key)
 }
 
-fn hmac(keyed: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = keyed.clone();
+fn hmac(keyed: &hmac::Key, parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = hmac::Context::with_key(keyed);
     for part in parts {
         mac.update(part);
     }
-    mac.finalize().into_bytes().into()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(mac.sign().as_ref());
+    out
 }
 
 pub(crate) struct TokenParts {
@@ -1309,6 +1310,21 @@ mod tests {
             expires: 2_000_000_000,
             random: [9; RAND_LEN],
         }
+    }
+
+    /// RFC 4231, test case 2, with the data in three parts: the MAC is HMAC-SHA256, so tokens
+    /// and stored hashes made by earlier builds (the `hmac` crate's) still verify.
+    #[test]
+    fn hmac_is_hmac_sha256() {
+        let tag = hmac(
+            &keyed(b"Jefe"),
+            &[b"what do ya ", b"want for ", b"nothing?"],
+        );
+        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     /// A token round-trips through its text form, URL-safe and of fixed binary size.
