@@ -40,7 +40,7 @@ use crate::scripts::Script;
 /// Calls of one kind in flight at once before callers queue for the next one. Measured at 64
 /// tasks (docs/benchmarks.md, session 8, six alternating rounds): 1 halved the throughput (the
 /// server idles while the client reads a call's replies), 8 left most calls alone (~1.1
-/// operations each), 4 beat 2 by 10–25 % in medians.
+/// operations each), 4 beat 2 by 25–33 % in medians.
 pub(crate) const IN_FLIGHT: usize = 4;
 
 /// Operations one call carries at most; redis-server runs them back to back (a few µs each),
