@@ -655,6 +655,37 @@ async fn scripts_reload_after_noscript() {
     assert!(store.lookup(rotated.token.expose()).await.is_err());
 }
 
+/// A reload Redis refuses (an ACL user without `script|load`) reports that refusal, not the
+/// `NOSCRIPT` that follows from it: the error names what to grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_script_reload_says_so() {
+    let server = RedisServer::start();
+    let () = admin_cmd(
+        &server,
+        &[
+            "ACL",
+            "SETUSER",
+            "app",
+            "on",
+            ">app-password",
+            "~*",
+            "+@all",
+            "-script|load",
+        ],
+    );
+    let url = format!("redis://app:app-password@127.0.0.1:{}/0", server.port());
+    let client = Client::connect(common::config(&url)).await.unwrap();
+    let err = sessions(&client)
+        .create("alice", "d", None, None)
+        .await
+        .unwrap_err();
+    let message = err.message().to_lowercase();
+    assert!(
+        message.contains("noperm") && message.contains("script|load"),
+        "{err}"
+    );
+}
+
 /// The same on a Cluster: the reload goes to the node of the user's key, with the call, and
 /// the script runs there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

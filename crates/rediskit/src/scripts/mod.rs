@@ -99,8 +99,11 @@ impl Call {
                 let mut pipeline = redis::pipe();
                 pipeline.add_command(load).add_command(self.cmd.clone());
                 let mut replies = conn.req_packed_commands(&pipeline, 0, 2).await?.into_iter();
-                // A failed load shows as the EVALSHA's own NOSCRIPT, which is what went wrong.
-                let _loaded = replies.next();
+                // A refused load (an ACL without `script|load`) is what went wrong, not the
+                // EVALSHA's NOSCRIPT that follows from it.
+                if let Some(redis::Value::ServerError(err)) = replies.next() {
+                    return Err(err.into());
+                }
                 replies
                     .next()
                     .ok_or_else(|| {
