@@ -19,7 +19,10 @@
 //!   A write Redis refuses for its own state (`OOM`, `READONLY`, `MISCONF`, `NOREPLICAS`) fails
 //!   the whole call before anything is written (Redis refuses every write of the script alike),
 //!   so each caller gets that error, as it would have alone; on Sentinel, `READONLY` still
-//!   sends the client after the new primary.
+//!   sends the client after the new primary. (Under `OOM`, Redis refuses only writes before a
+//!   script's first: a rotation that follows a deleting one in the same call goes through where
+//!   alone it would not. It rewrites its record in place; creations write theirs first, and are
+//!   refused as alone. Decision 0007.)
 //! - **Its own deadline.** A caller that gives up (its deadline, or its future dropped) before
 //!   its operation was taken is left out, as an abandoned command is by the auto-pipelining
 //!   queue: its outcome was reported unknown, and not running it is one of the outcomes.
