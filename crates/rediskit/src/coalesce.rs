@@ -59,7 +59,7 @@ pub(crate) struct Coalescer {
     state: Mutex<State>,
     /// Calls that carried more than one operation, and the operations they carried.
     batches: AtomicU64,
-    batched: AtomicU64,
+    operations: AtomicU64,
 }
 
 #[derive(Default)]
@@ -94,14 +94,14 @@ impl Coalescer {
             what,
             state: Mutex::new(State::default()),
             batches: AtomicU64::new(0),
-            batched: AtomicU64::new(0),
+            operations: AtomicU64::new(0),
         })
     }
 
     pub(crate) fn stats(&self) -> Coalesced {
         Coalesced {
             batches: self.batches.load(Ordering::Relaxed),
-            operations: self.batched.load(Ordering::Relaxed),
+            operations: self.operations.load(Ordering::Relaxed),
         }
     }
 
@@ -218,7 +218,8 @@ impl Coalescer {
             Err(ops) => ops,
         };
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batched.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        self.operations
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
         let mut call = self.script.keys(ops.iter().map(|op| op.key.as_str()));
         for op in &ops {
             call = call.arg(&op.sid).arg(&op.packed[..]);

@@ -141,7 +141,8 @@ pub struct SessionStats {
     pub near: NearStats,
     /// Script calls that carried several creations or rotations at once: concurrent callers'
     /// operations are coalesced into one `EVALSHA` when calls of their kind are already in
-    /// flight (not on a Cluster, nor with [`Config::auto_pipeline`](crate::Config::auto_pipeline) off).
+    /// flight (not on a Cluster, nor with
+    /// [`Config::auto_pipeline`](crate::Config::auto_pipeline) off).
     pub coalesced_calls: u64,
     /// The creations and rotations those calls carried.
     pub coalesced_operations: u64,
