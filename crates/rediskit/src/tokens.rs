@@ -7,7 +7,8 @@
 //! (`{prefix}s:{<user>}`, the user id escaped inside a hash tag), one field per session, so that
 //! every operation — create, rotate, revoke one, revoke all, list — is one script or one command
 //! on one key: atomic, race-free, and runnable unchanged on Redis Cluster. The key expires with
-//! the user's last live session; ended sessions are swept out by every write.
+//! the user's last live session (rounded up by at most a sixteenth of that session's life, so
+//! most writes need not move it); ended sessions are swept out by every write.
 //!
 //! # Tokens
 //!

@@ -15,13 +15,14 @@ local function create(key, sid, packed)
   -- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
   -- create is O(1); ended sessions wait for the next sweep or for the key to expire.
   local evicted = 0
+  local bound = key_until(ends, now)
   local count = redis.call('HLEN', key)
   if count == 0 then
-    -- A new key: nothing to sweep, and its expiry is this session's end.
+    -- A new key: nothing to sweep, and its expiry is this session's bound.
     redis.call('HSET', key, sid, rec)
-    redis.call('EXPIREAT', key, ends)
+    redis.call('EXPIREAT', key, string.format('%d', bound))
   elseif count <= SWEEP_BELOW or count >= max then
-    local live, ended, last_end = scan(key, now, idle)
+    local live, ended, key_end = scan(key, now, idle)
     -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
     -- not grow memory there) before anything changed. Deletions first would have let it through,
     -- as Redis lets a script that has already written finish its writes.
@@ -40,12 +41,16 @@ local function create(key, sid, packed)
         redis.call('HDEL', key, live[evicted][1])
       end
     end
-    -- Every live session was seen, so the key's expiry is exactly the last one's end.
-    if last_end > ends then ends = last_end end
-    redis.call('EXPIREAT', key, ends)
+    -- Every live session was seen: the key's expiry becomes exactly the latest bound (shorter
+    -- than before when ended sessions held it). With none ended, the key already lives until
+    -- the live ones' bound (see `key_until`), and only a later bound needs a write.
+    if #ended > 0 or bound > key_end then
+      if key_end > bound then bound = key_end end
+      redis.call('EXPIREAT', key, string.format('%d', bound))
+    end
   else
     redis.call('HSET', key, sid, rec)
-    extend(key, ends)
+    extend(key, bound)
   end
   if evicted > 0 then
     return {now, evicted}

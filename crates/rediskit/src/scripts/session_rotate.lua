@@ -14,7 +14,8 @@ local function rotate(key, sid, packed)
     return 0
   end
   local gen, h1, h2, h3, h4, created, last, expires, rotated = struct.unpack(FMT_WORDS, rec)
-  if ends_at(last, expires, idle) <= now then
+  local ends = ends_at(last, expires, idle)
+  if ends <= now then
     redis.call('HDEL', key, sid)
     sweep(key, now, idle)
     return 2
@@ -27,7 +28,11 @@ local function rotate(key, sid, packed)
     local new_rec = struct.pack(FMT, gen + 1, next_hash, created, now, new_expires, now)
       .. string.sub(rec, HEAD + 1)
     redis.call('HSET', key, sid, new_rec)
-    extend(key, ends_at(now, new_expires, idle))
+    -- The key already lives until the old record's bound (see `key_until`).
+    local bound = key_until(ends_at(now, new_expires, idle), now)
+    if bound > key_until(ends, last) then
+      extend(key, bound)
+    end
     return new_rec
   end
   if presented + 1 == gen and grace > 0 and now - rotated <= grace then
