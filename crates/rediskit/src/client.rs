@@ -64,9 +64,12 @@ pub struct ClientStats {
     pub pool: PoolStats,
     /// Commands sent (each script or transaction counts once).
     pub commands: u64,
-    /// Commands that failed, timeouts included.
+    /// Commands that failed, timeouts included; and session operations that failed waiting for
+    /// a coalesced script call (see `timeouts`).
     pub errors: u64,
-    /// Commands that passed their deadline.
+    /// Commands that passed their deadline; and session creations and rotations that passed
+    /// theirs waiting for a coalesced script call, queued or carried by one that had not answered
+    /// (such a call, when it passes its own deadline, counts once more, as a command).
     pub timeouts: u64,
     /// Commands in flight now.
     pub in_flight: usize,
@@ -906,12 +909,18 @@ impl Client {
             Ok(Err(err)) => Error::from(err),
             Err(_) => Error::timeout(what, deadline),
         };
-        inner.errors.fetch_add(1, Ordering::Relaxed);
-        if outcome.is_timeout() {
-            inner.timeouts.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count_failure(&outcome);
         tracing::debug!(command = what, error = %outcome, "redis command failed");
         Err(outcome)
+    }
+
+    /// Counts a failed call in the stats: in [`run`](Self::run), and for an operation that failed
+    /// before it joined one (`coalesce.rs`).
+    pub(crate) fn count_failure(&self, err: &Error) {
+        self.inner.errors.fetch_add(1, Ordering::Relaxed);
+        if err.is_timeout() {
+            self.inner.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The embedded store, when this is a `memory://` handle.

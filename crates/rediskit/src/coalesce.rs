@@ -139,18 +139,22 @@ impl Coalescer {
             tokio::spawn(self.clone().flush());
         }
         let deadline = self.client.config().command_timeout;
-        match tokio::time::timeout(deadline, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::new(
+        let failed = match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(result)) => return result,
+            Ok(Err(_)) => Error::new(
                 ErrorKind::Unavailable,
                 format!(
                     "the {} call carrying this operation was dropped (its runtime shut down); \
                      the outcome is unknown",
                     self.what
                 ),
-            )),
-            Err(_) => Err(Error::timeout(self.what, deadline)),
-        }
+            ),
+            Err(_) => Error::timeout(self.what, deadline),
+        };
+        // The caller's own failure, counted as such: queued, it never reached a call; carried, its
+        // call counts once for itself whenever it ends, and not per operation.
+        self.client.count_failure(&failed);
+        Err(failed)
     }
 
     fn coalesces(&self) -> bool {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use rediskit::{Client, ErrorKind, Sessions};
+use rediskit::{Client, Config, ErrorKind, Sessions};
 use rediskit_testkit::RedisServer;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
@@ -1114,6 +1114,44 @@ async fn a_refused_write_fails_every_coalesced_operation() {
             );
         }
     }
+}
+
+/// A creation whose deadline passes while it waits for a coalesced call counts in the client's
+/// timeouts, as one whose own call timed out does: an operator sees every timeout a caller saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_operation_that_times_out_is_counted() {
+    let server = RedisServer::start();
+    let config = Config::builder()
+        .url(server.url())
+        .max_connections(4)
+        .command_timeout(Duration::from_millis(200))
+        .connect_timeout(Duration::from_millis(500))
+        // Never open here: a call failed fast would answer its operations with another error.
+        .breaker(100, Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let client = Client::connect(config).await.unwrap();
+    client.load_scripts().await.unwrap();
+    let store = sessions(&client);
+    // The server answers nothing for a second: the 4 calls in flight (`coalesce::IN_FLIGHT`)
+    // time out as commands, the 4 creations queued behind them while waiting.
+    let () = admin_cmd(&server, &["CLIENT", "PAUSE", "1000", "ALL"]);
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let results = futures_util::future::join_all(
+        users.iter().map(|user| store.create(user, "d", None, None)),
+    )
+    .await;
+    for result in &results {
+        assert!(
+            result.as_ref().is_err_and(rediskit::Error::is_timeout),
+            "{result:?}"
+        );
+    }
+    let stats = client.stats();
+    // 8, or 9 when a returning call started one more call, carrying the queued ones just
+    // before their deadlines passed (that call times out too, and counts as a command).
+    assert!((8..=9).contains(&stats.timeouts), "{stats:?}");
+    assert_eq!(stats.errors, stats.timeouts);
 }
 
 /// A caller that gives up while its operation waits for the next call is left out of it: its
