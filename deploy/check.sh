@@ -393,7 +393,9 @@ wanted = ["http_requests_total", "http_request_duration_seconds_bucket", "cache_
           "redis_command_errors_total", "redis_command_timeouts_total", "redis_breaker_open",
           "redis_breaker_trips_total", "redis_pool_in_use", "sessions_created_total",
           "sessions_rotated_total", "sessions_revoked_total", "sessions_reuse_detected_total",
-          "ratelimit_rejected_total", "ratelimit_degraded_total"]
+          "ratelimit_rejected_total", "ratelimit_degraded_total",
+          "redis_pipelined_batches_total", "redis_pipelined_commands_total",
+          "sessions_coalesced_calls_total", "sessions_coalesced_operations_total"]
 absent = [name for name in wanted if name not in used]
 print(("ok   - " if not absent else "FAIL - ")
       + f"the dashboard covers the {len(wanted)} series it must"
