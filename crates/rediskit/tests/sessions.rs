@@ -699,6 +699,88 @@ async fn the_key_expiry_moves_only_when_a_bound_does() {
     );
 }
 
+/// Whatever mix of creations, rotations (to longer or shorter lifetimes), evictions and revokes
+/// a user goes through, the key never expires before a live session ends: the invariant that
+/// lets writes leave the `EXPIREAT` out (`key_until` in session_prelude.lua). Seeded, so a
+/// failure replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_outlives_every_live_session_whatever_the_writes() {
+    const LIFETIMES: [u64; 5] = [60, 500, 7_200, 86_400, 30 * 86_400];
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    for (seed, idle) in [(1u64, None), (2, Some(3_600u64)), (3, Some(600))] {
+        let mut builder = Sessions::builder(&backend.client, SECRET).max_sessions(4);
+        if let Some(idle) = idle {
+            builder = builder.inactivity_timeout(Duration::from_secs(idle));
+        }
+        let store = builder.build().unwrap();
+        let user = format!("mixed{seed}");
+        let key = format!("rk:s:{{{user}}}");
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let mut tokens: Vec<(String, String)> = Vec::new();
+        for step in 0..150 {
+            let ttl = Some(Duration::from_secs(LIFETIMES[next(LIFETIMES.len())]));
+            let what = match next(10) {
+                0..=3 => {
+                    let issued = store.create(&user, "d", ttl, None).await.unwrap();
+                    let token = issued.token.expose().to_owned();
+                    tokens.push((issued.session.session_id, token));
+                    "create"
+                }
+                4..=7 if !tokens.is_empty() => {
+                    let i = next(tokens.len());
+                    // An evicted session's token is refused; it leaves the list.
+                    match store.rotate(&tokens[i].1, ttl).await {
+                        Ok(issued) => tokens[i].1 = issued.token.expose().to_owned(),
+                        Err(_) => drop(tokens.swap_remove(i)),
+                    }
+                    "rotate"
+                }
+                _ if !tokens.is_empty() => {
+                    let (sid, _) = tokens.swap_remove(next(tokens.len()));
+                    store.revoke(&user, &sid).await.unwrap();
+                    "revoke"
+                }
+                _ => continue,
+            };
+            let live = store.sessions(&user).await.unwrap();
+            let Some(last_end) = live
+                .iter()
+                .map(|session| {
+                    let secs = |t: std::time::SystemTime| {
+                        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+                    };
+                    let expires = secs(session.expires_at);
+                    idle.map_or(expires, |idle| {
+                        expires.min(secs(session.last_used_at) + idle)
+                    })
+                })
+                .max()
+            else {
+                continue;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let ttl: i64 = admin_cmd(server, &["TTL", &key]);
+            // TTL rounds to the nearest second, and the clock may tick between the two reads.
+            assert!(
+                ttl >= last_end.saturating_sub(now) as i64 - 2,
+                "seed {seed}, step {step} ({what}): the key expires in {ttl} s, \
+                 a live session ends in {} s",
+                last_end.saturating_sub(now)
+            );
+        }
+    }
+}
+
 /// Redis forgetting its scripts (`SCRIPT FLUSH`, as after a restart) is invisible to callers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_reload_after_noscript() {
