@@ -22,6 +22,9 @@
 //!   Redis — until a background task has reconnected (back-off, every call under the deadlines)
 //!   and tracking is on again. A connection that goes silent without dying (a paused server, a
 //!   partition) stops the stores from serving within [`TRACKING_LEASE`] of its last `PONG`.
+//!   A tracking task that dies with its Tokio runtime (a client kept beyond it) takes the
+//!   stores down as it goes, and the next read that finds them down starts it again on its own
+//!   runtime.
 //!   A `FLUSHALL`/`FLUSHDB` (a null invalidation) empties every store.
 //! - **Bounded age.** Every entry expires after [`NearCacheConfig::max_age`], and never later
 //!   than the key's own TTL in Redis (read with `PTTL` in the same round trip as the value).
@@ -40,7 +43,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -215,7 +218,14 @@ enum Msg {
 pub(crate) struct Shared {
     state: AtomicU64,
     stores: ArcSwap<Vec<Weak<NearStore>>>,
-    tx: mpsc::UnboundedSender<Msg>,
+    /// To the tracking task; replaced when the task is started again.
+    tx: Mutex<mpsc::UnboundedSender<Msg>>,
+    /// Where and how the tracking task connects, to start it again.
+    target: Target,
+    settings: Settings,
+    /// Set while a tracking task exists; cleared however it ends (returned, or dropped with its
+    /// runtime), so that a read on another runtime can start it again.
+    running: AtomicBool,
     /// Generation of the current tracking connection, so that the death notice of an old one
     /// cannot take down its successor.
     generation: AtomicU64,
@@ -226,16 +236,54 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(tx: mpsc::UnboundedSender<Msg>) -> Self {
+    fn new(target: Target, settings: Settings) -> Self {
+        // The first task's sender takes this one's place when it starts.
+        let (tx, _) = mpsc::unbounded_channel();
         Self {
             state: AtomicU64::new(0),
             stores: ArcSwap::from_pointee(Vec::new()),
-            tx,
+            tx: Mutex::new(tx),
+            target,
+            settings,
+            running: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             last_pong: AtomicU64::new(0),
             origin: Instant::now(),
         }
+    }
+
+    fn send(&self, msg: Msg) {
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        // No task to hear it: a registration is read from the store list by the next task,
+        // and a stop is kept in `stopped`.
+        let _ = tx.send(msg);
+    }
+
+    /// Starts the tracking task on the current runtime unless one exists or tracking was
+    /// stopped. A task dies with its runtime; the next read on a live runtime starts another,
+    /// which reconnects and tracks every store, as after a lost connection. False if none runs.
+    fn ensure_running(self: &Arc<Self>) -> bool {
+        if self.stopped.load(Ordering::SeqCst) {
+            return false;
+        }
+        // A load first: every read that misses while the near-cache is down comes here.
+        if self.running.load(Ordering::SeqCst) || self.running.swap(true, Ordering::SeqCst) {
+            return true;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.running.store(false, Ordering::SeqCst);
+            return false;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tx.lock().unwrap_or_else(PoisonError::into_inner) = tx;
+        let guard = RunningGuard(Arc::downgrade(self));
+        let task = run(Arc::downgrade(self), self.target.clone(), self.settings, rx);
+        runtime.spawn(async move {
+            let _guard = guard;
+            task.await;
+        });
+        true
     }
 
     fn micros(&self, at: Instant) -> u64 {
@@ -336,14 +384,29 @@ impl Shared {
             PushKind::Invalidate => self.on_invalidate(&info.data),
             PushKind::Disconnection if self.generation.load(Ordering::SeqCst) == generation => {
                 self.down();
-                let _ = self.tx.send(Msg::Down(generation));
+                self.send(Msg::Down(generation));
             }
             _ => {}
         }
     }
 }
 
+/// When the tracking task ends, however it ends: the stores stop serving at once (nothing
+/// applies invalidations any more: without this they would serve until the lease ran out), and
+/// [`Shared::running`] is cleared.
+struct RunningGuard(Weak<Shared>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.down();
+            shared.running.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Where the tracking connection goes.
+#[derive(Clone)]
 pub(crate) enum Target {
     /// One server, always (plain Redis).
     Fixed(Box<redis::Client>),
@@ -412,13 +475,11 @@ impl Tracker {
 
     /// Starts tracking through `target` on the current Tokio runtime.
     pub(crate) fn start(target: Target, settings: Settings) -> Option<Arc<Self>> {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let shared = Arc::new(Shared::new(target, settings));
+        if !shared.ensure_running() {
             tracing::warn!("near-cache disabled: not within a Tokio runtime");
             return None;
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::new(tx));
-        runtime.spawn(run(Arc::downgrade(&shared), target, settings, rx));
+        }
         Some(Arc::new(Self { shared }))
     }
 
@@ -435,7 +496,7 @@ impl Tracker {
             stores.push(weak.clone());
             stores
         });
-        let _ = self.shared.tx.send(Msg::Register(weak));
+        self.shared.send(Msg::Register(weak));
         store
     }
 
@@ -443,14 +504,14 @@ impl Tracker {
     /// entries until tracking is up again where the pool went.
     pub(crate) fn retarget(&self) {
         self.shared.down();
-        let _ = self.shared.tx.send(Msg::Retarget);
+        self.shared.send(Msg::Retarget);
     }
 
     /// Stops tracking for good (the client was closed): every store is emptied and stays off.
     pub(crate) fn stop(&self) {
         self.shared.stopped.store(true, Ordering::SeqCst);
         self.shared.down();
-        let _ = self.shared.tx.send(Msg::Stop);
+        self.shared.send(Msg::Stop);
     }
 }
 
@@ -1085,6 +1146,8 @@ impl NearStore {
         let now = Instant::now();
         if self.ready(now).is_none() {
             self.misses.fetch_add(1, Ordering::Relaxed);
+            // Not serving: perhaps the tracking task died with the runtime it ran on.
+            self.shared.ensure_running();
             return None;
         }
         let (_, mut shard, _) = self.locate(key);
@@ -1250,8 +1313,16 @@ mod tests {
 
     /// A store on a tracker with no connection, made live by hand.
     fn live_store(config: NearCacheConfig) -> (Arc<Shared>, Arc<NearStore>) {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::new(tx));
+        let target = Target::Fixed(Box::new(
+            redis::Client::open("redis://127.0.0.1:1/").unwrap(),
+        ));
+        let settings = Settings {
+            connect_timeout: Duration::from_millis(100),
+            command_timeout: Duration::from_millis(100),
+        };
+        let shared = Arc::new(Shared::new(target, settings));
+        // No tracking task: these tests drive the state by hand, and none may start.
+        shared.running.store(true, Ordering::SeqCst);
         let store = Arc::new(NearStore::new(shared.clone(), "p:".into(), config));
         shared.stores.store(Arc::new(vec![Arc::downgrade(&store)]));
         let base = shared.down();

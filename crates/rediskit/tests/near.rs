@@ -179,6 +179,59 @@ async fn other_clients_writes_invalidate_within_100ms() {
     assert!(held.stats().near.invalidations >= 2);
 }
 
+/// A client kept beyond the runtime its tracking task ran on (one shared by several
+/// `#[tokio::test]`s, say): the near-cache stops serving as the task dies with that runtime, the
+/// first read on the next runtime starts tracking again, and the near-cache serves — and drops
+/// what another client changes — as before.
+#[test]
+fn the_near_cache_serves_again_on_a_new_runtime() {
+    let server = RedisServer::start();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let (held, other) = first.block_on(async {
+        let (held, other) = reader_and_writer(common::config(&server.url())).await;
+        other.set("k", "v1").await.unwrap();
+        until_near_hit(&held, "k").await;
+        (held, other)
+    });
+    drop(first);
+    runtime().block_on(async {
+        // The pooled connections died with the first runtime too: they reconnect as after a
+        // Redis restart, and a call may fail meanwhile.
+        let read = || async { held.get::<String>("k").await.ok().flatten() };
+        let hits = held.stats().near.hits;
+        read().await;
+        assert_eq!(held.stats().near.hits, hits, "served with no tracking task");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let before = held.stats().near.hits;
+            if read().await.as_deref() == Some("v1") && held.stats().near.hits > before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the near-cache never served again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        write_until_accepted(&other, "k", "v2").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read().await.as_deref() != Some("v2") {
+            assert!(
+                Instant::now() < deadline,
+                "the near-cache kept the old value"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+}
+
 /// This handle's own writes and deletes are read back at once, even while the invalidation
 /// Redis sends for them is held up on the way (a black-holed tracking connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
