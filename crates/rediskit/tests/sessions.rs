@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use rediskit::{Client, Config, ErrorKind, Sessions};
+use rediskit::{Client, ErrorKind, Sessions};
 use rediskit_testkit::RedisServer;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
@@ -1203,15 +1203,10 @@ async fn a_refused_write_fails_every_coalesced_operation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_operation_that_times_out_is_counted() {
     let server = RedisServer::start();
-    let config = Config::builder()
-        .url(server.url())
-        .max_connections(4)
-        .command_timeout(Duration::from_millis(200))
-        .connect_timeout(Duration::from_millis(500))
-        // Never open here: a call failed fast would answer its operations with another error.
-        .breaker(100, Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let mut config = common::config(&server.url());
+    config.command_timeout = Duration::from_millis(200);
+    // Never open here: a call failed fast would answer its operations with another error.
+    config.breaker_threshold = 100;
     let client = Client::connect(config).await.unwrap();
     client.load_scripts().await.unwrap();
     let store = sessions(&client);
