@@ -193,7 +193,8 @@ struct Inner {
     recovering: AtomicBool,
     /// What auto-pipelining sent, across pools (Sentinel replaces the pool).
     batching: Arc<crate::batch::Counters>,
-    health_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background health `PING` is running (see [`Client::ensure_health_loop`]).
+    checking: AtomicBool,
     /// The near-cache's tracking (see `near`), started by the first near-cache built on this
     /// handle; `Some(None)` where there can be none (the embedded backend).
     near: std::sync::OnceLock<Option<Arc<crate::near::Tracker>>>,
@@ -247,16 +248,6 @@ pub struct LatencyHistogram {
     pub count: u64,
     /// Their total time.
     pub sum: Duration,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Ok(mut task) = self.health_task.lock()
-            && let Some(task) = task.take()
-        {
-            task.abort();
-        }
-    }
 }
 
 /// One pooled connection: a managed connection to one server, or a cluster connection that
@@ -460,7 +451,7 @@ impl Client {
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
             recovering: AtomicBool::new(false),
             batching,
-            health_task: std::sync::Mutex::new(None),
+            checking: AtomicBool::new(false),
             near: std::sync::OnceLock::new(),
             config,
         });
@@ -470,14 +461,27 @@ impl Client {
                  is not shared with other instances and is lost on restart"
             );
         }
-        let interval = inner.config.health_check_interval;
-        if kind != BackendKind::Memory && !interval.is_zero() {
-            let task = tokio::spawn(health_loop(Arc::downgrade(&inner), interval));
-            if let Ok(mut slot) = inner.health_task.lock() {
-                *slot = Some(task);
-            }
+        let client = Self { inner };
+        client.ensure_health_loop();
+        Ok(client)
+    }
+
+    /// Starts the background health `PING` unless it runs, or is off (the embedded backend, a
+    /// zero interval, a closed handle). Checked on every call: a client kept beyond the runtime
+    /// its loop ran on (the loop dies with it) gets one again on the runtime it is used on.
+    fn ensure_health_loop(&self) {
+        let inner = &*self.inner;
+        if inner.checking.load(Ordering::Relaxed) {
+            return;
         }
-        Ok(Self { inner })
+        let interval = inner.config.health_check_interval;
+        if inner.kind == BackendKind::Memory || interval.is_zero() || self.is_closed() {
+            return;
+        }
+        self.spawn_once(
+            |inner| &inner.checking,
+            move |weak| health_loop(weak, interval),
+        );
     }
 
     /// The configuration this handle was built from.
@@ -530,11 +534,7 @@ impl Client {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Ok(mut task) = self.inner.health_task.lock()
-            && let Some(task) = task.take()
-        {
-            task.abort();
-        }
+        // The health loop sees `closed` at its next tick and ends without a `PING`.
         if let Some(Some(tracker)) = self.inner.near.get() {
             tracker.stop();
         }
@@ -889,6 +889,7 @@ impl Client {
         if self.is_closed() {
             return Err(Error::closed());
         }
+        self.ensure_health_loop();
         let inner = &*self.inner;
         let slot = &pool.connections[index];
         slot.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -1786,6 +1787,71 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(10);
             while running(&client).1 {
                 assert!(Instant::now() < deadline, "the recovery task never ended");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+
+    /// The background health `PING` dies with the runtime it ran on, and the next call on
+    /// another runtime starts it again there: `PING`s reach Redis with no call made.
+    #[test]
+    fn the_health_loop_starts_again_on_a_new_runtime() {
+        let server = rediskit_testkit::RedisServer::start();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let pings = || -> u64 {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query(&mut server.admin())
+                .unwrap();
+            info.lines()
+                .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .map_or(0, |calls| calls.parse().unwrap())
+        };
+        let first = runtime();
+        let client = first.block_on(async {
+            let mut config = Config::builder().url(server.url()).build().unwrap();
+            config.health_check_interval = Duration::from_millis(20);
+            Client::connect(config).await.unwrap()
+        });
+        assert!(client.inner.checking.load(Ordering::Acquire));
+        drop(first);
+        assert!(!client.inner.checking.load(Ordering::Acquire));
+
+        runtime().block_on(async {
+            // The pool's connections died with the first runtime too; the call may fail.
+            let _ = client
+                .run("GET", |mut c| async move {
+                    redis::cmd("GET")
+                        .arg("k")
+                        .query_async::<Option<String>>(&mut c)
+                        .await
+                })
+                .await;
+            assert!(client.inner.checking.load(Ordering::Acquire));
+            let before = pings();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pings() < before + 2 {
+                assert!(
+                    Instant::now() < deadline,
+                    "no health PING on the new runtime"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Closed, it stops at its next tick.
+            client.close().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let after = pings();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(pings(), after, "health PINGs after close");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while client.inner.checking.load(Ordering::Acquire) {
+                assert!(Instant::now() < deadline, "the health loop outlived close");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });

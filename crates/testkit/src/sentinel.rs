@@ -293,6 +293,13 @@ impl SentinelSetup {
     /// A fresh synchronous connection to `port`: the primary, the replica or a sentinel (with the
     /// sentinels' password, if they have one).
     pub fn admin(&self, port: u16) -> redis::Connection {
+        self.try_admin(port)
+            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"))
+    }
+
+    /// [`admin`](Self::admin), answering a failed connection as an error: a node resyncing
+    /// after a failover (loading its new primary's data) may refuse one for a moment.
+    pub fn try_admin(&self, port: u16) -> redis::RedisResult<redis::Connection> {
         let mut known = [self.primary.port(), self.replica.port()]
             .into_iter()
             .chain(self.sentinels.iter().map(Node::port));
@@ -302,13 +309,10 @@ impl SentinelSetup {
         );
         let sentinel = self.sentinels.iter().any(|node| node.port() == port);
         let password = self.sentinel_password.as_deref().filter(|_| sentinel);
-        let connection = node::try_connect_with(port, Duration::from_secs(2), password)
-            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"));
+        let connection = node::try_connect_with(port, Duration::from_secs(2), password)?;
         // Admin commands may wait (a failover, a replica's sync): no read deadline.
-        connection
-            .set_read_timeout(None)
-            .unwrap_or_else(|err| panic!("admin connection to {port}: {err}"));
-        connection
+        connection.set_read_timeout(None)?;
+        Ok(connection)
     }
 
     /// Polls `gap` (what is missing, or `None` once ready) until it is `None`; panics with the
