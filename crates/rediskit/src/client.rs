@@ -254,8 +254,10 @@ pub struct LatencyHistogram {
 /// sends each command to the node owning its key's slot. All multiplex.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    /// A managed connection whose concurrent callers' commands leave together (`batch`).
-    Single(Arc<Batcher>),
+    /// A managed connection whose concurrent callers' commands leave together (`batch`), and the
+    /// deadline of the call using it, which the queue keeps for each command (no deadline: the
+    /// command timeout from when each command is sent).
+    Single(Arc<Batcher>, Option<tokio::time::Instant>),
     /// A managed connection without the queue: commands leave in the order they are sent. For
     /// [`Client::in_order`] scopes, and when [`Config::auto_pipeline`] is off.
     Direct(ConnectionManager),
@@ -270,7 +272,7 @@ impl Conn {
         cmd: redis::Cmd,
     ) -> redis::RedisResult<T> {
         let reply = match self {
-            Conn::Single(batcher) => batcher.send(cmd).await?,
+            Conn::Single(batcher, until) => batcher.send(cmd, batcher.until(*until)).await?,
             other => other.req_packed_command(&cmd).await?,
         };
         Ok(redis::from_redis_value(reply.extract_error()?)?)
@@ -279,9 +281,23 @@ impl Conn {
     /// This connection for a call that must not be reordered with the caller's other calls.
     fn ordered(&self) -> Conn {
         match self {
-            Conn::Single(batcher) => Conn::Direct(batcher.connection().clone()),
+            Conn::Single(batcher, _) => Conn::Direct(batcher.connection().clone()),
             other => other.clone(),
         }
+    }
+
+    /// This connection for a call that ends at `until`: the queue's commands carry it, and such a
+    /// call needs no timer of its own (`bounds_itself`).
+    fn with_deadline(&self, until: tokio::time::Instant) -> Conn {
+        match self {
+            Conn::Single(batcher, _) => Conn::Single(batcher.clone(), Some(until)),
+            other => other.clone(),
+        }
+    }
+
+    /// True when every command sent through this connection ends at the call's deadline.
+    fn bounds_itself(&self) -> bool {
+        matches!(self, Conn::Single(_, Some(_)))
     }
 }
 
@@ -291,7 +307,9 @@ impl ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Conn::Single(batcher) => Box::pin(batcher.send(cmd.clone())),
+            Conn::Single(batcher, until) => {
+                Box::pin(batcher.send(cmd.clone(), batcher.until(*until)))
+            }
             Conn::Direct(connection) => connection.req_packed_command(cmd),
             Conn::Cluster(connection) => connection.req_packed_command(cmd),
         }
@@ -305,17 +323,24 @@ impl ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             // A transaction's replies are aggregated by the connection itself: it goes as is.
-            Conn::Single(batcher) if pipeline.is_transaction() => {
+            Conn::Single(batcher, until) if pipeline.is_transaction() => {
                 let mut connection = batcher.connection().clone();
+                let until = batcher.until(*until);
                 Box::pin(async move {
-                    connection
-                        .req_packed_commands(pipeline, offset, count)
-                        .await
+                    tokio::time::timeout_at(
+                        until,
+                        connection.req_packed_commands(pipeline, offset, count),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(crate::batch::deadline_passed()))
                 })
             }
-            Conn::Single(batcher) => {
-                Box::pin(batcher.send_many(pipeline.cmd_iter().cloned().collect(), offset, count))
-            }
+            Conn::Single(batcher, until) => Box::pin(batcher.send_many(
+                pipeline.cmd_iter().cloned().collect(),
+                offset,
+                count,
+                batcher.until(*until),
+            )),
             Conn::Direct(connection) => connection.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
         }
@@ -323,7 +348,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Conn::Single(batcher) => batcher.connection().get_db(),
+            Conn::Single(batcher, _) => batcher.connection().get_db(),
             Conn::Direct(connection) => connection.get_db(),
             Conn::Cluster(connection) => connection.get_db(),
         }
@@ -655,7 +680,7 @@ impl Client {
     /// `PING` on one pooled connection (on a cluster: on every primary through it).
     async fn ping_one(&self, pool: &Pool, index: usize) -> Result<Duration> {
         let started = Instant::now();
-        self.run_on(pool, index, "PING", |c| async move {
+        self.run_on(pool, index, false, "PING", |c| async move {
             match c {
                 // Every primary must answer; a replica that is down is not an outage.
                 Conn::Cluster(mut c) => {
@@ -703,8 +728,8 @@ impl Client {
         let result = match pinned {
             // Sent as the scope sends them, not queued into batches that may leave in either
             // order.
-            Some(index) => self.run_on(&pool, index, what, |c| call(c.ordered())).await,
-            None => self.run_on(&pool, pool.pick(), what, call).await,
+            Some(index) => self.run_on(&pool, index, true, what, call).await,
+            None => self.run_on(&pool, pool.pick(), false, what, call).await,
         };
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
         // reads still work.
@@ -875,10 +900,13 @@ impl Client {
         );
     }
 
+    /// Runs `call` on connection `index` of `pool` (`ordered`: bypassing its auto-pipelining
+    /// queue), under the command deadline, counting it.
     async fn run_on<T, F, Fut>(
         &self,
         pool: &Pool,
         index: usize,
+        ordered: bool,
         what: &'static str,
         call: F,
     ) -> Result<T>
@@ -902,11 +930,25 @@ impl Client {
         let deadline = inner.config.command_timeout;
         // One clock read serves the deadline and the latency (`timeout` would read it again).
         let started = tokio::time::Instant::now();
-        let result =
-            tokio::time::timeout_at(started + deadline, call(slot.connection.clone())).await;
+        let until = started + deadline;
+        let connection = if ordered {
+            slot.connection.ordered()
+        } else {
+            slot.connection.with_deadline(until)
+        };
+        let result = if connection.bounds_itself() {
+            // The auto-pipelining queue ends each command at `until`: one timer per batch rather
+            // than one per call (`batch`).
+            Ok(call(connection).await)
+        } else {
+            tokio::time::timeout_at(until, call(connection)).await
+        };
         inner.latency.record(started.elapsed());
         let outcome = match result {
             Ok(Ok(value)) => return Ok(value),
+            Ok(Err(err)) if crate::batch::is_deadline_passed(&err) => {
+                Error::timeout(what, deadline)
+            }
             Ok(Err(err)) => Error::from(err),
             Err(_) => Error::timeout(what, deadline),
         };
@@ -1446,12 +1488,15 @@ impl Pool {
                 ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                     .map(|connection| Slot {
                         connection: if config.auto_pipeline {
-                            Conn::Single(Arc::new(Batcher::new(
-                                connection,
-                                config.command_timeout,
-                                batching.clone(),
-                                in_flight.clone(),
-                            )))
+                            Conn::Single(
+                                Arc::new(Batcher::new(
+                                    connection,
+                                    config.command_timeout,
+                                    batching.clone(),
+                                    in_flight.clone(),
+                                )),
+                                None,
+                            )
                         } else {
                             Conn::Direct(connection)
                         },
