@@ -59,7 +59,7 @@
 //!   client-side caching); opt-in per cache namespace ([`NearCacheConfig`]) and for sessions.
 //! - `memory` — the embedded `memory://` backend.
 //! - `scripts` — server-side Lua, run by SHA.
-//! - [`web`] (feature `axum`) — access tokens, the authenticated-session extractor, health router,
+//! - `web` (feature `axum`) — access tokens, the authenticated-session extractor, health router,
 //!   rate-limit layer, problem documents.
 
 mod batch;
