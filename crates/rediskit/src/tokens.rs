@@ -36,8 +36,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::Mac as _;
 use rand::RngCore;
-use ring::hmac;
 
 use crate::client::Client;
 use crate::coalesce::Coalescer;
@@ -869,27 +869,81 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Keys derived from the configured secret, one per purpose, each an HMAC-SHA256 key whose two
 /// padded blocks are hashed once, here: a use starts from them (two of the four SHA-256 blocks
-/// of a short HMAC; five HMACs per rotation). ring's SHA-256 rather than the `sha2` crate's:
-/// on CPUs without the SHA extensions (this VM's Xeon) `sha2` runs its portable code, ~700 ns
-/// per HMAC against ring's ~475 ns (docs/benchmarks.md, session 8); the bytes are the same.
+/// of a short HMAC; five HMACs per rotation).
 pub(crate) struct TokenKeys {
-    mac: hmac::Key,
-    hash: hmac::Key,
-    rotate: hmac::Key,
+    mac: Keyed,
+    hash: Keyed,
+    rotate: Keyed,
 }
 
-fn keyed(key: &[u8]) -> hmac::Key {
-    hmac::Key::new(hmac::HMAC_SHA256, key)
+/// An HMAC-SHA256 key, by the implementation that is faster on this CPU; both give the same
+/// bytes (tests below). Measured per HMAC of a 48-byte message (docs/benchmarks.md, sessions 8
+/// and 10):
+/// - with the SHA instructions (`sha_ni`; ARMv8's SHA-2): the `hmac` crate over `sha2`, which
+///   uses them, 140–170 ns against ring's 300–340 ns; both hash at about the same speed, ring's
+///   API copies and finishes more around it. In a rotation the HMACs fell from ~19 % of the
+///   client's samples to ~14 %;
+/// - without: ring, whose assembly does ~475 ns against ~700 ns for `sha2`'s portable code.
+enum Keyed {
+    Sha(hmac::Hmac<sha2::Sha256>),
+    Ring(ring::hmac::Key),
 }
 
-fn hmac(keyed: &hmac::Key, parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = hmac::Context::with_key(keyed);
-    for part in parts {
-        mac.update(part);
+/// Whether this CPU has the SHA-256 instructions that `sha2` uses (it checks again itself).
+fn sha_instructions() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("sha")
+            && std::arch::is_x86_feature_detected!("sse2")
+            && std::arch::is_x86_feature_detected!("ssse3")
+            && std::arch::is_x86_feature_detected!("sse4.1")
     }
-    let mut out = [0u8; 32];
-    out.copy_from_slice(mac.sign().as_ref());
-    out
+    #[cfg(all(target_arch = "aarch64", any(target_os = "linux", target_os = "macos")))]
+    {
+        std::arch::is_aarch64_feature_detected!("sha2")
+    }
+    #[cfg(not(any(
+        target_arch = "x86",
+        target_arch = "x86_64",
+        all(target_arch = "aarch64", any(target_os = "linux", target_os = "macos"))
+    )))]
+    {
+        false
+    }
+}
+
+fn keyed(key: &[u8]) -> Keyed {
+    keyed_with(key, sha_instructions())
+}
+
+fn keyed_with(key: &[u8], sha: bool) -> Keyed {
+    let ring = || Keyed::Ring(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
+    if !sha {
+        return ring();
+    }
+    // HMAC takes a key of any length: `hmac` refuses none (ring is the fallback all the same).
+    <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).map_or_else(|_| ring(), Keyed::Sha)
+}
+
+fn hmac(keyed: &Keyed, parts: &[&[u8]]) -> [u8; 32] {
+    match keyed {
+        Keyed::Sha(key) => {
+            let mut mac = key.clone();
+            for part in parts {
+                mac.update(part);
+            }
+            mac.finalize().into_bytes().into()
+        }
+        Keyed::Ring(key) => {
+            let mut mac = ring::hmac::Context::with_key(key);
+            for part in parts {
+                mac.update(part);
+            }
+            let mut out = [0u8; 32];
+            out.copy_from_slice(mac.sign().as_ref());
+            out
+        }
+    }
 }
 
 pub(crate) struct TokenParts {
@@ -1314,19 +1368,58 @@ mod tests {
         }
     }
 
-    /// RFC 4231, test case 2, with the data in three parts: the MAC is HMAC-SHA256, so tokens
-    /// and stored hashes made by earlier builds (the `hmac` crate's) still verify.
+    /// RFC 4231, test cases 2 and 6 (a key longer than a block), with the data in parts, by
+    /// both implementations: the MAC is HMAC-SHA256, so tokens and stored hashes made by
+    /// earlier builds still verify, whichever this CPU uses.
     #[test]
     fn hmac_is_hmac_sha256() {
-        let tag = hmac(
-            &keyed(b"Jefe"),
-            &[b"what do ya ", b"want for ", b"nothing?"],
-        );
-        let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(
-            hex,
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
+        let long_key = [0xaa_u8; 131];
+        type Case<'a> = (&'a [u8], &'a [&'a [u8]], &'a str);
+        let cases: [Case; 2] = [
+            (
+                b"Jefe",
+                &[b"what do ya ", b"want for ", b"nothing?"],
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+            ),
+            (
+                &long_key,
+                &[
+                    b"Test Using Larger Than Block-Size Key - ",
+                    b"Hash Key First",
+                ],
+                "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+            ),
+        ];
+        for sha in [true, false] {
+            for (key, data, expected) in cases {
+                let tag = hmac(&keyed_with(key, sha), data);
+                let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(hex, expected, "sha instructions: {sha}");
+            }
+        }
+    }
+
+    /// The two implementations agree on keys and messages of every length around the block
+    /// size, split anywhere.
+    #[test]
+    fn both_hmacs_agree() {
+        let bytes: Vec<u8> = (0..300u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for key_len in [0, 1, 31, 32, 63, 64, 65, 128, 200] {
+            let key = &bytes[..key_len];
+            let (sha, ring) = (keyed_with(key, true), keyed_with(key, false));
+            for len in (0..=150).step_by(7).chain([55, 56, 63, 64, 65, 119, 120]) {
+                let message = &bytes[100..100 + len];
+                let split = len / 3;
+                let parts: [&[u8]; 2] = [&message[..split], &message[split..]];
+                assert_eq!(
+                    hmac(&sha, &parts),
+                    hmac(&ring, &parts),
+                    "key {key_len}, message {len}"
+                );
+            }
+        }
     }
 
     /// A token round-trips through its text form, URL-safe and of fixed binary size.
