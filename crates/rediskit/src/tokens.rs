@@ -880,9 +880,9 @@ pub(crate) struct TokenKeys {
 /// bytes (tests below). Measured per HMAC of a 48-byte message (docs/benchmarks.md, sessions 8
 /// and 10):
 /// - with the SHA instructions (`sha_ni`; ARMv8's SHA-2): the `hmac` crate over `sha2`, which
-///   uses them, 140–170 ns against ring's 300–340 ns; both hash at about the same speed, ring's
-///   API copies and finishes more around it. In a rotation the HMACs fell from ~19 % of the
-///   client's samples to ~14 %;
+///   uses them, 148–166 ns against ring's 295–343 ns; both hash at about the same speed, ring's
+///   API copies and finishes more around it. In a rotation the HMACs (with their copying) fell
+///   from ~22 % of the client's samples to ~16 %;
 /// - without: ring, whose assembly does ~475 ns against ~700 ns for `sha2`'s portable code.
 enum Keyed {
     Sha(hmac::Hmac<sha2::Sha256>),
