@@ -254,26 +254,29 @@ impl Batcher {
         if more {
             tokio::spawn(this.clone().flush());
         }
-        // A caller that gave up meanwhile (its deadline, or its future dropped) has its
-        // commands left out, as redis-rs leaves out a command nobody waits for: its outcome was
-        // reported unknown, and not sending it is one of the outcomes.
+        // A caller that gave up meanwhile (its future dropped) has its commands left out, as
+        // redis-rs leaves out a command nobody waits for: its outcome was reported unknown, and
+        // not sending it is one of the outcomes. So has one whose deadline passed in the queue
+        // (the second command of a call that is out of time, say): it gets its timeout now.
+        let now = Instant::now();
         let mut pipeline = redis::Pipeline::with_capacity(commands.len());
         let mut commands = commands.into_iter();
-        let mut waiters: Vec<Waiting> = waiters
-            .into_iter()
-            .filter(|waiting| {
-                let own = commands.by_ref().take(waiting.waiter.commands());
-                if waiting.waiter.is_abandoned() {
-                    own.for_each(drop);
-                    false
-                } else {
-                    own.for_each(|command| {
-                        pipeline.add_command(command);
-                    });
-                    true
-                }
-            })
-            .collect();
+        let mut sending = Vec::with_capacity(waiters.len());
+        for waiting in waiters {
+            let own = commands.by_ref().take(waiting.waiter.commands());
+            if waiting.waiter.is_abandoned() {
+                own.for_each(drop);
+            } else if waiting.until <= now {
+                own.for_each(drop);
+                waiting.waiter.fail(deadline_passed());
+            } else {
+                own.for_each(|command| {
+                    pipeline.add_command(command);
+                });
+                sending.push(waiting);
+            }
+        }
+        let mut waiters = sending;
         if waiters.is_empty() {
             return;
         }
@@ -787,6 +790,32 @@ mod tests {
             .expect("the caller waited on for a flush that never came")
             .unwrap_err();
         assert!(err.is_connection_dropped() || err.is_io_error(), "{err}");
+    }
+
+    /// A caller whose deadline passed before its batch left gets its timeout, and its command
+    /// is not sent; the others in the batch are.
+    #[tokio::test]
+    async fn a_command_whose_deadline_passed_in_the_queue_is_not_sent() {
+        let server = RedisServer::start();
+        let (batcher, _) = crowded_batcher(&server).await;
+        let set = |key: &str| {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg("v");
+            cmd
+        };
+        let now = Instant::now();
+        let (late, timely) = tokio::join!(
+            batcher.send(set("late"), now),
+            batcher.send(set("timely"), now + Duration::from_secs(60)),
+        );
+        let err = late.unwrap_err();
+        assert!(super::is_deadline_passed(&err), "{err}");
+        assert_eq!(timely.unwrap(), Value::Okay);
+        let mut admin = server.admin();
+        let mut exists =
+            |key: &str| -> bool { redis::cmd("EXISTS").arg(key).query(&mut admin).unwrap() };
+        assert!(!exists("late"));
+        assert!(exists("timely"));
     }
 
     /// Only the queue's own deadline error reads as a call's timeout; a socket's time-out stays
