@@ -119,8 +119,8 @@ impl Waiter {
 }
 
 impl Batcher {
-    /// A queue in front of `connection`; a flush that takes longer than `deadline` fails its
-    /// callers (who will have given up by their own deadlines already).
+    /// A queue in front of `connection`; `deadline` bounds a command sent with no deadline of
+    /// its call's (see [`Batcher::until`]).
     pub(crate) fn new(
         connection: ConnectionManager,
         deadline: Duration,
