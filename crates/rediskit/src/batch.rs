@@ -635,16 +635,20 @@ mod tests {
         }
     }
 
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// A client kept beyond the runtime it was used on (one shared by several `#[tokio::test]`s,
     /// say): a flush that runtime dropped before it ran leaves no queue behind that nobody
     /// sends, and the next runtime's crowd is answered.
     #[test]
     fn a_flush_lost_with_its_runtime_does_not_stall_the_queue() {
         let server = RedisServer::start();
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let first = current_thread();
         let client = first.block_on(async {
             let client = client(&server).await;
             let busy = keep_busy(&client).await;
@@ -772,19 +776,13 @@ mod tests {
     #[test]
     fn a_caller_behind_a_lost_flush_is_told() {
         let server = RedisServer::start();
-        let first = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let first = current_thread();
         let (batcher, _) = first.block_on(crowded_batcher(&server));
         let mut queued = Box::pin(batcher.send(get("a"), Instant::now() + Duration::from_secs(60)));
         // Queued, and its flush spawned on the first runtime, which has not run it.
         first.block_on(async { poll_once(std::slice::from_mut(&mut queued)).await });
         drop(first);
-        let second = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let second = current_thread();
         let err = second
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), queued).await })
             .expect("the caller waited on for a flush that never came")
