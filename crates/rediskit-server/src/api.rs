@@ -512,7 +512,8 @@ pub const METRICS_TTL: Duration = Duration::from_secs(crate::config::DEFAULT_DEM
 /// is still answered at once, as `X-Cache: STALE`, while one background task in the whole fleet
 /// recomputes it (`Cache::try_get_or_set_background`): no request waits for a refresh.
 #[utoipa::path(get, path = "/api/business-metrics/{timeframe}", tag = "cache",
-    params(("timeframe" = String, Path, description = "one of 1d, 7d, 30d, 90d")),
+    params(("timeframe" = String, Path, description = "one of 1d, 7d, 30d, 90d",
+        pattern = "^(1d|7d|30d|90d)$")),
     responses(
         (status = 200, description = "the metrics. Header X-Cache: MISS on the request that ran the computation; HIT when served a stored or shared result; STALE when served a result past its TTL (within the stale window) while it is recomputed in the background", body = BusinessMetrics,
             headers(("X-Cache" = String, description = "MISS, HIT or STALE"))),

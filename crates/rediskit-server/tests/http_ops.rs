@@ -125,6 +125,17 @@ async fn openapi_document_lists_the_api() {
             paths.keys().collect::<Vec<_>>()
         );
     }
+    // The timeframes the handler takes are the ones the document admits, so that a generated
+    // client (or a fuzzer) sends only those.
+    let timeframe = &paths["/api/business-metrics/{timeframe}"]["get"]["parameters"][0];
+    assert_eq!(timeframe["name"], "timeframe");
+    assert_eq!(timeframe["schema"]["pattern"], "^(1d|7d|30d|90d)$");
+    for accepted in ["1d", "7d", "30d", "90d"] {
+        service
+            .get(&format!("/api/business-metrics/{accepted}"))
+            .await
+            .assert_status(200);
+    }
 }
 
 /// The first request for a timeframe computes (`X-Cache: MISS`), the next is served the same
