@@ -152,9 +152,7 @@ impl Batcher {
         // Fewer than BATCH_FROM others in flight: nothing worth waiting for company.
         if self.in_flight.load(Ordering::Relaxed) <= BATCH_FROM {
             let mut connection = self.connection.clone();
-            return tokio::time::timeout_at(until, connection.req_packed_command(&cmd))
-                .await
-                .unwrap_or_else(|_| Err(deadline_passed()));
+            return within(until, connection.req_packed_command(&cmd)).await;
         }
         let (reply, answer) = oneshot::channel();
         self.enqueue(std::iter::once(cmd), Waiter::One(reply), until);
@@ -377,6 +375,17 @@ impl Drop for Scheduled {
             }
         }
     }
+}
+
+/// `request`, ended at `until` with [`deadline_passed`]: the deadline of a command that goes out
+/// without the queue (no batch to keep it).
+pub(crate) async fn within<T>(
+    until: Instant,
+    request: impl std::future::Future<Output = RedisResult<T>>,
+) -> RedisResult<T> {
+    tokio::time::timeout_at(until, request)
+        .await
+        .unwrap_or_else(|_| Err(deadline_passed()))
 }
 
 /// What a queued caller whose deadline passed gets; [`Client::run`](crate::Client) reports it

@@ -327,12 +327,8 @@ impl ConnectionLike for Conn {
                 let mut connection = batcher.connection().clone();
                 let until = batcher.until(*until);
                 Box::pin(async move {
-                    tokio::time::timeout_at(
-                        until,
-                        connection.req_packed_commands(pipeline, offset, count),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err(crate::batch::deadline_passed()))
+                    let request = connection.req_packed_commands(pipeline, offset, count);
+                    crate::batch::within(until, request).await
                 })
             }
             Conn::Single(batcher, until) => Box::pin(batcher.send_many(
