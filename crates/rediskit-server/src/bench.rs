@@ -357,6 +357,7 @@ async fn measure(
     if progress {
         eprint!("\r\x1b[2K");
     }
+    prepared.finish().await;
     if let Some(err) = first_error {
         eprintln!("rediskit bench: {name} ×{concurrency}: {errors} errors; the first: {err}");
     }

@@ -211,6 +211,46 @@ fn selected_workloads_only() {
     assert_eq!(dbsize(&server), 0);
 }
 
+/// Calls of `CLIENT TRACKING` the server has served.
+fn tracking_calls(server: &RedisServer) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.admin())
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_client|tracking:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// Only `near_get` runs with a tracking connection: with one open, redis-server checks every
+/// key any client writes against the tracked prefixes, a cost the other workloads must not
+/// carry.
+#[test]
+fn only_near_get_turns_tracking_on() {
+    let server = RedisServer::start();
+    let run = |workloads: &str| {
+        let output = bench(&[
+            "--url",
+            &server.url(),
+            "--ops",
+            "200",
+            "--concurrency",
+            "8",
+            "--workloads",
+            workloads,
+            "--json",
+        ]);
+        assert!(output.status.success(), "{workloads}: {output:?}");
+    };
+
+    run("cache_set,session_rotate");
+    assert_eq!(tracking_calls(&server), 0);
+    run("near_get");
+    assert!(tracking_calls(&server) > 0);
+    assert_eq!(dbsize(&server), 0);
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }

@@ -104,8 +104,6 @@ pub(super) struct Ctx {
     /// The handle every rediskit workload uses (for its figures).
     pub(super) client: Client,
     cache: Cache,
-    /// The same keys' namespace with the near-cache on, for `near_get`.
-    near: Cache,
     sessions: Sessions,
     limiter: RateLimiter,
     /// The bare `redis` connections of the baseline (and of the clean-up); never empty.
@@ -141,12 +139,6 @@ impl Ctx {
             cache: Cache::builder(client)
                 .namespace("bench")
                 .default_ttl(TTL)
-                .build()
-                .map_err(error)?,
-            near: Cache::builder(client)
-                .namespace("bench_near")
-                .default_ttl(TTL)
-                .near_cache(NearCacheConfig::default().capacity(2 * KEY_SPACE))
                 .build()
                 .map_err(error)?,
             sessions: Sessions::builder(client, secret)
@@ -189,6 +181,40 @@ impl Ctx {
 pub(super) struct Prepared {
     lookup: Arc<Vec<String>>,
     per_task: Vec<Vec<String>>,
+    /// `near_get`'s cache, on a client of its own (see [`Prepared::near`]).
+    near: Option<(Client, Cache)>,
+}
+
+impl Prepared {
+    /// A client for `near_get` alone, with a namespace that has the near-cache on. Its tracking
+    /// connection (`CLIENT TRACKING … BCAST`) makes redis-server check every key written by any
+    /// client against the tracked prefixes: ~700 instructions more per `SET` (callgrind, about
+    /// 7 %), which the other workloads must not pay. [`Prepared::finish`] closes it.
+    async fn near(&mut self, ctx: &Ctx) -> Result<&Cache, String> {
+        let client = Client::connect(ctx.client.config().clone())
+            .await
+            .map_err(|err| format!("connecting the near-cache's client: {err}"))?;
+        let cache = Cache::builder(&client)
+            .namespace("bench_near")
+            .default_ttl(TTL)
+            .near_cache(NearCacheConfig::default().capacity(2 * KEY_SPACE))
+            .build();
+        let cache = match cache {
+            Ok(cache) => cache,
+            Err(err) => {
+                client.close().await;
+                return Err(err.to_string());
+            }
+        };
+        Ok(&self.near.insert((client, cache)).1)
+    }
+
+    /// Closes what the run opened for itself (`near_get`'s client and its tracking connection).
+    pub(super) async fn finish(self) {
+        if let Some((client, _)) = self.near {
+            client.close().await;
+        }
+    }
 }
 
 /// Prepares `workload` for `ops` operations over `concurrency` tasks: preloads the keys the
@@ -214,17 +240,17 @@ pub(super) async fn prepare(
             }
         }
         Workload::NearGet => {
+            let near = prepared.near(ctx).await?;
             for chunk in ctx.keys.chunks(PRELOAD_BATCH) {
                 let items: Vec<(&str, &str)> = chunk
                     .iter()
                     .map(|key| (key.as_str(), ctx.value.as_str()))
                     .collect();
-                ctx.near
-                    .set_many(&items, TTL)
+                near.set_many(&items, TTL)
                     .await
                     .map_err(|err| format!("preloading the near-cache's keys: {err}"))?;
             }
-            warm_near_cache(ctx).await?;
+            warm_near_cache(ctx, near).await?;
         }
         Workload::RawGet => {
             let mut connection = ctx.raw_connection();
@@ -265,18 +291,17 @@ pub(super) async fn prepare(
 
 /// Reads every key until one pass is served entirely from the near-cache (its tracking
 /// connection is up and every key held), so that the timed reads are all near hits.
-async fn warm_near_cache(ctx: &Ctx) -> Result<(), String> {
+async fn warm_near_cache(ctx: &Ctx, near: &Cache) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let before = ctx.near.stats().near.hits;
+        let before = near.stats().near.hits;
         for key in &ctx.keys {
-            ctx.near
-                .try_get::<String>(key)
+            near.try_get::<String>(key)
                 .await
                 .map_err(|err| format!("warming the near-cache: {err}"))?
                 .ok_or_else(|| format!("near_get: preloaded key `{key}` was missing"))?;
         }
-        if ctx.near.stats().near.hits - before == ctx.keys.len() as u64 {
+        if near.stats().near.hits - before == ctx.keys.len() as u64 {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -326,6 +351,7 @@ pub(super) struct Task {
     buf: String,
     lookup: Arc<Vec<String>>,
     tokens: Vec<String>,
+    near: Option<Cache>,
 }
 
 impl Task {
@@ -343,6 +369,7 @@ impl Task {
             buf: String::with_capacity(32),
             lookup: prepared.lookup.clone(),
             tokens,
+            near: prepared.near.as_ref().map(|(_, cache)| cache.clone()),
         }
     }
 
@@ -427,7 +454,11 @@ impl Task {
             }
             Workload::NearGet => {
                 let key = &ctx.keys[self.pick(KEY_SPACE)];
-                match ctx.near.try_get::<String>(key).await {
+                let near = self
+                    .near
+                    .as_ref()
+                    .ok_or("near_get: no near-cache prepared")?;
+                match near.try_get::<String>(key).await {
                     Ok(Some(_)) => Ok(()),
                     Ok(None) => Err(format!("near_get: preloaded key `{key}` was missing")),
                     Err(err) => Err(err.to_string()),
