@@ -1149,12 +1149,14 @@ struct RotateArgs<'a> {
 }
 
 impl CreateArgs<'_> {
-    /// `session_create.lua`'s ARGV[2]: the numbers and the hash packed big-endian, then the
-    /// record's tail (device length, device, metadata) exactly as the record stores it.
+    /// `session_create.lua`'s ARGV[2]: ttl, idle and max big-endian, then the new record as
+    /// far as it does not depend on the server's clock: its head's generation (0) and hash,
+    /// and its tail (device length, device, metadata). The script splices the four times in
+    /// between, so it packs nothing per operation.
     fn packed(&self) -> Vec<u8> {
         let mut out =
-            Vec::with_capacity(12 + HASH_LEN + 1 + self.device.len() + self.metadata.len());
-        for value in [self.ttl, self.idle, self.max] {
+            Vec::with_capacity(16 + HASH_LEN + 1 + self.device.len() + self.metadata.len());
+        for value in [self.ttl, self.idle, self.max, 0] {
             out.extend_from_slice(&value.to_be_bytes());
         }
         out.extend_from_slice(self.hash);
@@ -1167,16 +1169,21 @@ impl CreateArgs<'_> {
 }
 
 impl RotateArgs<'_> {
-    /// `session_rotate.lua`'s ARGV[2]: every number and both hashes, packed big-endian.
-    fn packed(&self) -> [u8; 16 + 2 * HASH_LEN] {
-        let mut out = [0u8; 16 + 2 * HASH_LEN];
+    /// `session_rotate.lua`'s ARGV[2], big-endian: the presented generation, the presented
+    /// hash as four words, ttl, idle and grace; then the rotated record's first 20 bytes (the
+    /// next generation and the next hash), which the script splices in as they are.
+    fn packed(&self) -> [u8; 36 + HASH_LEN] {
+        let mut out = [0u8; 36 + HASH_LEN];
         out[..4].copy_from_slice(&self.generation.to_be_bytes());
         out[4..4 + HASH_LEN].copy_from_slice(self.presented);
-        out[4 + HASH_LEN..4 + 2 * HASH_LEN].copy_from_slice(self.next);
         for (at, value) in [self.ttl, self.idle, self.grace].into_iter().enumerate() {
-            let at = 4 + 2 * HASH_LEN + 4 * at;
+            let at = 4 + HASH_LEN + 4 * at;
             out[at..at + 4].copy_from_slice(&value.to_be_bytes());
         }
+        // The script writes it only when the presented generation is the stored one, so the
+        // next is this plus one (wrapping as the record's 32 bits would).
+        out[32..36].copy_from_slice(&self.generation.wrapping_add(1).to_be_bytes());
+        out[36..].copy_from_slice(self.next);
         out
     }
 }

@@ -23,6 +23,7 @@ fn sessions(client: &Client) -> Sessions {
 conformance!(
     create_then_lookup,
     rotate_replaces_the_token,
+    rotation_keeps_what_the_session_was_created_with,
     reuse_revokes_the_family,
     concurrent_rotations_have_one_winner,
     concurrent_users_each_get_their_own_answer,
@@ -106,6 +107,56 @@ async fn rotate_replaces_the_token(client: &Client) {
     assert_eq!(store.sessions("alice").await.unwrap().len(), 1);
 }
 
+/// Sleeps until the clock's second changes (the scripts keep whole seconds), and a little more.
+async fn next_second() {
+    let into = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    tokio::time::sleep(
+        Duration::from_nanos(u64::from(1_000_000_000 - into)) + Duration::from_millis(20),
+    )
+    .await;
+}
+
+/// Rotations a second or more apart keep the session's device, metadata and creation time,
+/// and move its last use and expiry: a rotated record is spliced from the stored one, whose
+/// creation time sits beside the times that change.
+async fn rotation_keeps_what_the_session_was_created_with(client: &Client) {
+    let store = sessions(client);
+    let metadata = serde_json::json!({"ip": "203.0.113.7", "agent": "curl/8"});
+    let first = store
+        .create("alice", "Firefox on Linux", None, Some(&metadata))
+        .await
+        .unwrap();
+    let mut token = first.token;
+    let mut last = first.session.clone();
+    for generation in 1..=2 {
+        next_second().await;
+        let rotated = store
+            .rotate(token.expose(), Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        let session = rotated.session;
+        assert_eq!(session.generation, generation);
+        assert_eq!(session.created_at, first.session.created_at);
+        assert_eq!(session.device, "Firefox on Linux");
+        assert_eq!(session.metadata.as_ref(), Some(&metadata));
+        assert!(session.last_used_at > last.last_used_at, "{session:?}");
+        assert_eq!(
+            session
+                .expires_at
+                .duration_since(session.last_used_at)
+                .unwrap(),
+            Duration::from_secs(600)
+        );
+        assert_eq!(store.lookup(rotated.token.expose()).await.unwrap(), session);
+        token = rotated.token;
+        last = session;
+    }
+    assert_eq!(store.sessions("alice").await.unwrap(), vec![last]);
+}
+
 /// Presenting a rotated token again is reuse: `Reused`, and the whole family is revoked, so
 /// even the newest token stops working. Other sessions of the user are untouched.
 async fn reuse_revokes_the_family(client: &Client) {
@@ -174,29 +225,48 @@ async fn concurrent_rotations_have_one_winner(client: &Client) {
 async fn concurrent_users_each_get_their_own_answer(client: &Client) {
     let store = sessions(client);
     let users: Vec<String> = (0..64).map(|i| format!("user{i}")).collect();
+    // Lifetimes differ between callers of one coalesced call (the scripts pack the times once
+    // per lifetime and call).
+    let ttl = |i: usize| Duration::from_secs(600 + (i % 4) as u64);
     let issued = futures_util::future::join_all(
         users
             .iter()
-            .map(|user| store.create(user, user, None, None)),
+            .enumerate()
+            .map(|(i, user)| store.create(user, user, Some(ttl(i)), None)),
     )
     .await;
     let mut tokens = Vec::new();
-    for (user, issued) in users.iter().zip(issued) {
+    for (i, (user, issued)) in users.iter().zip(issued).enumerate() {
         let issued = issued.unwrap();
         assert_eq!(
             (&issued.session.user_id, &issued.session.device),
             (user, user)
         );
+        let lifetime = issued
+            .session
+            .expires_at
+            .duration_since(issued.session.created_at);
+        assert_eq!(lifetime.unwrap(), ttl(i));
         tokens.push(issued.token.into_string());
     }
     for round in 1..=3 {
-        let rotated =
-            futures_util::future::join_all(tokens.iter().map(|token| store.rotate(token, None)))
-                .await;
-        for ((user, token), rotated) in users.iter().zip(&mut tokens).zip(rotated) {
+        let rotated = futures_util::future::join_all(
+            tokens
+                .iter()
+                .enumerate()
+                .map(|(i, token)| store.rotate(token, Some(ttl(i + round as usize)))),
+        )
+        .await;
+        for (i, ((user, token), rotated)) in users.iter().zip(&mut tokens).zip(rotated).enumerate()
+        {
             let rotated = rotated.unwrap();
             assert_eq!(rotated.session.user_id, *user);
             assert_eq!(rotated.session.generation, round);
+            let left = rotated
+                .session
+                .expires_at
+                .duration_since(rotated.session.last_used_at);
+            assert_eq!(left.unwrap(), ttl(i + round as usize));
             *token = rotated.token.into_string();
         }
     }

@@ -1,18 +1,25 @@
 -- Rotate refresh tokens: one rotation per key (see `each`). For each, the sid, then packed
--- (see session_create.lua for why): >I4 presented generation, the presented secret hash as four
--- >I4 words, c16 next secret hash, >I4 ttl secs, >I4 idle secs, >I4 grace secs.
+-- (see session_create.lua for why), big-endian: >I4 presented generation, the presented secret
+-- hash as four >I4 words, >I4 ttl secs, >I4 idle secs, >I4 grace secs; then the rotated
+-- record's first 20 bytes as written (>I4 next generation, c16 next secret hash).
 -- A rotation answers the session's record at the next generation (a string: rotated now, or
 -- earlier within the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family
 -- was revoked).
+
+-- A rotated record's last_used, expires and rotated: the same for every rotation of the call
+-- with the same ttl, so packed once per ttl (a pack per operation cost redis-server ~1.6k
+-- instructions more than splicing).
+local times = {}
+
 local function rotate(key, sid, packed)
-  local presented, p1, p2, p3, p4, next_hash, ttl, idle, grace =
-    unpack_bytes('>I4I4I4I4I4c16I4I4I4', packed)
+  local presented, p1, p2, p3, p4, ttl, idle, grace =
+    unpack_bytes('>I4I4I4I4I4I4I4I4', packed)
   local rec = call('HGET', key, sid)
   if not rec then
     return 0
   end
   -- The record's head, with the secret's hash as four 32-bit words.
-  local gen, h1, h2, h3, h4, created, last, expires, rotated =
+  local gen, h1, h2, h3, h4, _, last, expires, rotated =
     unpack_bytes('>I4I4I4I4I4I4I4I4I4', rec)
   local ends = ends_at(last, expires, idle)
   if ends <= now then
@@ -28,8 +35,13 @@ local function rotate(key, sid, packed)
       return 0
     end
     local new_expires = now + ttl
-    local new_rec = pack_bytes('>I4c16I4I4I4I4', gen + 1, next_hash, created, now, new_expires, now)
-      .. sub(rec, 37)
+    local written = times[ttl]
+    if not written then
+      written = pack_bytes('>I4I4I4', now, new_expires, now)
+      times[ttl] = written
+    end
+    -- The next generation and hash, the created_at kept, the new times, the tail kept.
+    local new_rec = sub(packed, 33) .. sub(rec, 21, 24) .. written .. sub(rec, 37)
     call('HSET', key, sid, new_rec)
     -- The key already lives until the old record's bound (see `key_until`).
     local bound = key_until(ends_at(now, new_expires, idle), now)
