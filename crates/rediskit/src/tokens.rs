@@ -1152,7 +1152,7 @@ impl CreateArgs<'_> {
     /// `session_create.lua`'s ARGV[2]: ttl, idle and max big-endian, then the new record as
     /// far as it does not depend on the server's clock: its head's generation (0) and hash,
     /// and its tail (device length, device, metadata). The script splices the four times in
-    /// between, so it packs nothing per operation.
+    /// between, packed once per call and lifetime.
     fn packed(&self) -> Vec<u8> {
         let mut out =
             Vec::with_capacity(16 + HASH_LEN + 1 + self.device.len() + self.metadata.len());
