@@ -81,7 +81,8 @@ struct Stats {
     client_cpu_us: Option<f64>,
     /// CPU time of redis-server per operation (`INFO cpu`), when it tells it.
     server_cpu_us: Option<f64>,
-    /// Commands per batch that auto-pipelining sent during the run, when it sent any.
+    /// Commands per batch that auto-pipelining sent during the run, when it sent any; for
+    /// `session_create` and `session_rotate`, operations per script call (coalesced or alone).
     commands_per_batch: Option<f64>,
 }
 
@@ -302,6 +303,7 @@ async fn measure(
     let server_cpu_before = server_cpu(&mut admin).await;
     let client_cpu_before = process_cpu();
     let pipelined_before = ctx.client.stats();
+    let sessions_before = ctx.sessions.stats();
 
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
@@ -351,9 +353,20 @@ async fn measure(
         .map(|(after, before)| (after - before) * 1e6 / ops as f64);
     let pipelined = ctx.client.stats();
     let batches = pipelined.pipelined_batches - pipelined_before.pipelined_batches;
-    let commands_per_batch = (batches > 0).then(|| {
-        (pipelined.pipelined_commands - pipelined_before.pipelined_commands) as f64 / batches as f64
-    });
+    let commands_per_batch = match workload {
+        Workload::SessionCreate | Workload::SessionRotate => {
+            let sessions = ctx.sessions.stats();
+            let coalesced = sessions.coalesced_operations - sessions_before.coalesced_operations;
+            // A call that carried one operation is not counted as coalesced.
+            let calls = sessions.coalesced_calls - sessions_before.coalesced_calls
+                + ops.saturating_sub(coalesced);
+            (calls > 0).then(|| ops as f64 / calls as f64)
+        }
+        _ => (batches > 0).then(|| {
+            (pipelined.pipelined_commands - pipelined_before.pipelined_commands) as f64
+                / batches as f64
+        }),
+    };
     if progress {
         eprint!("\r\x1b[2K");
     }

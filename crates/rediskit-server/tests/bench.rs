@@ -251,6 +251,50 @@ fn only_near_get_turns_tracking_on() {
     assert_eq!(dbsize(&server), 0);
 }
 
+/// Calls of `EVALSHA` the server has served.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.admin())
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// For the coalesced session scripts the last column is operations per script call: the
+/// operations run over the `EVALSHA`s redis-server served.
+#[test]
+fn session_rows_show_operations_per_script_call() {
+    let server = RedisServer::start();
+    let ops = 400;
+
+    let output = bench(&[
+        "--url",
+        &server.url(),
+        "--ops",
+        &ops.to_string(),
+        "--concurrency",
+        "16",
+        "--workloads",
+        "session_create",
+    ]);
+
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let row = text
+        .lines()
+        .find(|line| line.starts_with("session_create "))
+        .unwrap_or_else(|| panic!("no session_create row in {text}"));
+    let per_call: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+    let served = ops as f64 / evalsha_calls(&server) as f64;
+    assert!(
+        (per_call - served).abs() <= 0.05,
+        "{per_call} operations per call printed, {served} served"
+    );
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }

@@ -104,7 +104,7 @@ pub(super) struct Ctx {
     /// The handle every rediskit workload uses (for its figures).
     pub(super) client: Client,
     cache: Cache,
-    sessions: Sessions,
+    pub(super) sessions: Sessions,
     limiter: RateLimiter,
     /// The bare `redis` connections of the baseline (and of the clean-up); never empty.
     pub(super) raw: Vec<MultiplexedConnection>,
