@@ -1524,4 +1524,86 @@ mod tests {
         assert_eq!(secs_ceil(Duration::from_secs(2)), 2);
         assert_eq!(secs_ceil(Duration::from_millis(2001)), 3);
     }
+
+    /// `session_rotate.lua` compares the presented hash with the stored one in every word: a
+    /// hash off in any one word, or off in two words by amounts that cancel in a sum, is refused
+    /// and leaves the record as it was; the stored hash rotates it.
+    #[test]
+    fn rotate_script_refuses_a_hash_off_in_any_word() {
+        let server = rediskit_testkit::RedisServer::start();
+        let mut conn = server.admin();
+        let (key, sid) = ("s:{u}", "sid-1");
+        let now = unix_now();
+        let hash: [u8; HASH_LEN] = std::array::from_fn(|i| 0x40 + i as u8);
+        let stored = Record {
+            generation: 7,
+            hash,
+            created: now,
+            last_used: now,
+            expires: now + 3600,
+            rotated: now,
+            device: "d".into(),
+            metadata: Vec::new(),
+        }
+        .encode();
+        redis::cmd("HSET")
+            .arg(key)
+            .arg(sid)
+            .arg(&stored)
+            .exec(&mut conn)
+            .unwrap();
+        let next = [1u8; HASH_LEN];
+        let rotate = |conn: &mut redis::Connection, presented: &[u8; HASH_LEN]| -> redis::Value {
+            let args = RotateArgs {
+                sid,
+                generation: 7,
+                presented,
+                next: &next,
+                ttl: 3600,
+                idle: 0,
+                grace: 0,
+            };
+            crate::scripts::SESSION_ROTATE
+                .redis()
+                .key(key)
+                .arg(sid)
+                .arg(&args.packed()[..])
+                .invoke(conn)
+                .unwrap()
+        };
+
+        let mut wrong = Vec::new();
+        for word in 0..4 {
+            // Its lowest bit, and its highest.
+            let mut low = hash;
+            low[4 * word + 3] ^= 1;
+            let mut high = hash;
+            high[4 * word] ^= 0x80;
+            wrong.extend([low, high]);
+        }
+        // The first word one more, the second one less: their differences sum to zero.
+        let mut cancelling = hash;
+        cancelling[3] += 1;
+        cancelling[7] -= 1;
+        wrong.push(cancelling);
+        for presented in &wrong {
+            assert_eq!(
+                rotate(&mut conn, presented),
+                redis::Value::Int(0),
+                "{presented:?}"
+            );
+        }
+        let kept: Vec<u8> = redis::cmd("HGET")
+            .arg(key)
+            .arg(sid)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(kept, stored);
+
+        let redis::Value::BulkString(rotated) = rotate(&mut conn, &hash) else {
+            panic!("the stored hash did not rotate the session");
+        };
+        let rotated = Record::decode(&rotated).unwrap();
+        assert_eq!((rotated.generation, rotated.hash), (8, next));
+    }
 }

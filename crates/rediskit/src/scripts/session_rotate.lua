@@ -29,9 +29,13 @@ local function rotate(key, sid, packed)
   end
   if presented == gen then
     -- Constant-time equality of the stored hash and the presented one, word by word: no early
-    -- exit, and the same calls whatever the bytes. (A loop over the 16 bytes cost redis-server
-    -- 2.9 µs per call; this costs a few tenths.)
-    if bor(bxor(h1, p1), bxor(h2, p2), bxor(h3, p3), bxor(h4, p4)) ~= 0 then
+    -- exit, and the same operations whatever the bytes. The words are integers below 2^32, so
+    -- each difference is exact, and a sum of squares is 0 only when every difference is (a
+    -- nonzero square is at least 1, and doubles add without going below their largest term).
+    -- Arithmetic runs in Lua's VM: `bit.bor`/`bit.bxor`, five C calls, cost redis-server 1.2k
+    -- instructions more (and a loop over the bytes 2.9 µs).
+    local d1, d2, d3, d4 = h1 - p1, h2 - p2, h3 - p3, h4 - p4
+    if d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 ~= 0 then
       return 0
     end
     local new_expires = now + ttl
