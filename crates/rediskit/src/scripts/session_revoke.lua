@@ -6,7 +6,7 @@ if not rec then
 end
 call('HDEL', key, sid)
 sweep(key, idle)
-local _, _, _, last, expires = unpack_bytes('>I4c16I4I4I4', rec)
+local last, expires = unpack_bytes('>I4I4', rec, 25)
 if ends_at(last, expires, idle) <= now then
   return 0
 end
