@@ -211,15 +211,17 @@ fn selected_workloads_only() {
     assert_eq!(dbsize(&server), 0);
 }
 
-/// Calls of `CLIENT TRACKING` the server has served.
-fn tracking_calls(server: &RedisServer) -> u64 {
+/// Calls of `command` (as `INFO commandstats` names it: `evalsha`, `client|tracking`) the
+/// server has served.
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
     let stats: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut server.admin())
         .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
     stats
         .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_client|tracking:calls="))
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
         .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
 }
 
@@ -245,22 +247,10 @@ fn only_near_get_turns_tracking_on() {
     };
 
     run("cache_set,session_rotate");
-    assert_eq!(tracking_calls(&server), 0);
+    assert_eq!(command_calls(&server, "client|tracking"), 0);
     run("near_get");
-    assert!(tracking_calls(&server) > 0);
+    assert!(command_calls(&server, "client|tracking") > 0);
     assert_eq!(dbsize(&server), 0);
-}
-
-/// Calls of `EVALSHA` the server has served.
-fn evalsha_calls(server: &RedisServer) -> u64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut server.admin())
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
 }
 
 /// For the coalesced session scripts the last column is operations per script call: the
@@ -288,7 +278,7 @@ fn session_rows_show_operations_per_script_call() {
         .find(|line| line.starts_with("session_create "))
         .unwrap_or_else(|| panic!("no session_create row in {text}"));
     let per_call: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
-    let served = ops as f64 / evalsha_calls(&server) as f64;
+    let served = ops as f64 / command_calls(&server, "evalsha") as f64;
     assert!(
         (per_call - served).abs() <= 0.05,
         "{per_call} operations per call printed, {served} served"
