@@ -43,7 +43,8 @@ use crate::scripts::Script;
 /// Calls of one kind in flight at once before callers queue for the next one. Measured at 64
 /// tasks (docs/benchmarks.md, session 8, six alternating rounds): 1 halved the throughput (the
 /// server idles while the client reads a call's replies), 8 left most calls alone (~1.1
-/// operations each), 4 beat 2 by 25–33 % in medians.
+/// operations each), 4 beat 2 by 25–33 % in medians. Again on a faster VM (session 13): 2 gained
+/// 3–6 % at 64 tasks but lost 21–33 % at 8 tasks and 16–21 % at 256.
 pub(crate) const IN_FLIGHT: usize = 4;
 
 /// Operations one call carries at most; redis-server runs them back to back (a few µs each),
