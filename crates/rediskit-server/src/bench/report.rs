@@ -308,12 +308,8 @@ fn svg(workloads: &[Workload], measured: &[Measured], caption: &str) -> String {
         .map_or(8.0, |&c| (c as f64).log2().ceil())
         .max(8.0);
     let x = |c: usize| left + (c as f64).log2() / max_log * (right - left);
-    let peak = measured
-        .iter()
-        .map(|m| m.stats.ops_per_sec())
-        .fold(0.0, f64::max);
-    let y_max = nice_ceiling(peak);
-    let y = |v: f64| bottom - v / y_max * (bottom - top);
+    let axis = LogAxis::spanning(measured.iter().map(|m| m.stats.ops_per_sec()));
+    let y = |v: f64| bottom - axis.fraction(v) * (bottom - top);
 
     let mut out = String::new();
     let _ = writeln!(
@@ -333,8 +329,7 @@ fn svg(workloads: &[Workload], measured: &[Measured], caption: &str) -> String {
         r##"<text x="{left}" y="44" font-size="11" fill="#555555">{}</text>"##,
         escape(caption)
     );
-    for i in 0..=5 {
-        let value = y_max * f64::from(i) / 5.0;
+    for value in axis.ticks() {
         let at = y(value);
         let _ = writeln!(
             out,
@@ -382,7 +377,7 @@ fn svg(workloads: &[Workload], measured: &[Measured], caption: &str) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<text transform="translate(22 {:.1}) rotate(-90)" text-anchor="middle">throughput (operations per second)</text>"##,
+        r##"<text transform="translate(22 {:.1}) rotate(-90)" text-anchor="middle">throughput (operations per second; log₁₀ scale)</text>"##,
         (top + bottom) / 2.0
     );
     for (row, &workload) in workloads.iter().enumerate() {
@@ -437,18 +432,55 @@ fn svg(workloads: &[Workload], measured: &[Measured], caption: &str) -> String {
     out
 }
 
-/// The smallest round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × 10ⁿ) at or above `value`; 1 for
-/// nothing.
-fn nice_ceiling(value: f64) -> f64 {
-    if value <= 0.0 || !value.is_finite() {
-        return 1.0;
+/// The chart's y axis: whole powers of ten around every throughput measured, on a log scale. The
+/// workloads span three or four of them (a lone `session_rotate` does ~10k operations a second,
+/// `near_get` millions), and on a linear axis all but the near-cache would lie flat at the bottom.
+struct LogAxis {
+    /// log₁₀ of the axis's ends.
+    low: f64,
+    high: f64,
+}
+
+impl LogAxis {
+    /// From the power of ten at or below the smallest positive value to the one at or above the
+    /// largest (one decade, 1 to 10, with nothing to show).
+    fn spanning(values: impl Iterator<Item = f64>) -> Self {
+        let (min, max) = values
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        if max == 0.0 {
+            return Self {
+                low: 0.0,
+                high: 1.0,
+            };
+        }
+        let low = min.log10().floor();
+        Self {
+            low,
+            high: max.log10().ceil().max(low + 1.0),
+        }
     }
-    let scale = 10f64.powf(value.log10().floor());
-    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
-        .into_iter()
-        .map(|m| m * scale)
-        .find(|&candidate| candidate >= value)
-        .unwrap_or(10.0 * scale)
+
+    /// Where `value` lies between the axis's ends, from 0 (bottom) to 1 (top); a value of 0 (a
+    /// run that completed nothing) lies at the bottom.
+    fn fraction(&self, value: f64) -> f64 {
+        if !(value.is_finite() && value > 0.0) {
+            return 0.0;
+        }
+        ((value.log10() - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+    }
+
+    /// Grid values: 1, 2 and 5 times each power of ten within the axis, and its top.
+    fn ticks(&self) -> Vec<f64> {
+        let (low, high) = (self.low as i32, self.high as i32);
+        let mut ticks: Vec<f64> = (low..high)
+            .flat_map(|power| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(power)))
+            .collect();
+        ticks.push(10f64.powi(high));
+        ticks
+    }
 }
 
 /// `250000` → `250k`, `1500000` → `1.5M`.
@@ -478,18 +510,66 @@ fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::super::Stats;
     use super::*;
 
-    /// The y axis ends at a round number at or above the peak.
+    /// The y axis runs between the powers of ten around the values, whatever else is measured.
     #[test]
-    fn nice_ceilings() {
-        assert_eq!(nice_ceiling(0.0), 1.0);
-        assert_eq!(nice_ceiling(180_000.0), 200_000.0);
-        assert_eq!(nice_ceiling(210_000.0), 250_000.0);
-        assert_eq!(nice_ceiling(260_000.0), 300_000.0);
-        assert_eq!(nice_ceiling(309_000.0), 400_000.0);
-        assert_eq!(nice_ceiling(610_000.0), 800_000.0);
-        assert_eq!(nice_ceiling(1_000_000.0), 1_000_000.0);
+    fn the_y_axis_spans_whole_decades() {
+        let axis = LogAxis::spanning([8_000.0, 310_000.0, 2_200_000.0, 0.0, f64::NAN].into_iter());
+        assert_eq!((axis.low, axis.high), (3.0, 7.0));
+        assert_eq!(
+            axis.ticks(),
+            vec![
+                1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 2e6, 5e6, 1e7
+            ]
+        );
+        let nothing = LogAxis::spanning([0.0].into_iter());
+        assert_eq!((nothing.low, nothing.high), (0.0, 1.0));
+        let one = LogAxis::spanning([100_000.0].into_iter());
+        assert_eq!((one.low, one.high), (5.0, 6.0));
+    }
+
+    /// Each tenfold step of throughput is the same height on the chart, so a workload at 10k and
+    /// one at 3M both show; a run that did nothing lies on the bottom line.
+    #[test]
+    fn the_chart_spaces_each_tenfold_step_alike() {
+        let stats = |ops: u64| Stats {
+            ops,
+            errors: 0,
+            elapsed: Duration::from_secs(1),
+            p50_us: 1.0,
+            p99_us: 1.0,
+            client_cpu_us: None,
+            server_cpu_us: None,
+            commands_per_batch: None,
+        };
+        let measured: Vec<Measured> = [(1, 10_000), (8, 100_000), (64, 1_000_000), (256, 0)]
+            .into_iter()
+            .map(|(concurrency, ops)| Measured {
+                workload: Workload::CacheGet,
+                concurrency,
+                stats: stats(ops),
+            })
+            .collect();
+        let chart = svg(&[Workload::CacheGet], &measured, "test");
+        let heights: Vec<f64> = chart
+            .split("<circle ")
+            .skip(1)
+            .map(|circle| {
+                let cy = circle.split("cy=\"").nth(1).unwrap();
+                cy[..cy.find('"').unwrap()].parse().unwrap()
+            })
+            .collect();
+        assert_eq!(heights.len(), 4, "{chart}");
+        let step = heights[0] - heights[1];
+        assert!(step > 50.0, "{heights:?}");
+        assert!((heights[1] - heights[2] - step).abs() < 0.2, "{heights:?}");
+        // 10k is the bottom of the axis (its decade's floor), as is the run that did nothing.
+        assert_eq!(heights[3], heights[0], "{heights:?}");
+        assert!(chart.contains("log₁₀ scale"), "{chart}");
     }
 
     /// Axis labels are short.
