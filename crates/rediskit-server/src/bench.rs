@@ -82,7 +82,8 @@ struct Stats {
     /// CPU time of redis-server per operation (`INFO cpu`), when it tells it.
     server_cpu_us: Option<f64>,
     /// Commands per batch that auto-pipelining sent during the run, when it sent any; for
-    /// `session_create` and `session_rotate`, operations per script call (coalesced or alone).
+    /// `session_create`, `session_rotate` and `ratelimit`, operations per script call (coalesced or
+    /// alone).
     commands_per_batch: Option<f64>,
 }
 
@@ -304,6 +305,7 @@ async fn measure(
     let client_cpu_before = process_cpu();
     let pipelined_before = ctx.client.stats();
     let sessions_before = ctx.sessions.stats();
+    let limiter_before = ctx.limiter.stats();
 
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
@@ -353,14 +355,26 @@ async fn measure(
         .map(|(after, before)| (after - before) * 1e6 / ops as f64);
     let pipelined = ctx.client.stats();
     let batches = pipelined.pipelined_batches - pipelined_before.pipelined_batches;
+    // Operations per script call, from the calls that carried several and the operations they
+    // carried: a call that carried one operation is not counted as coalesced.
+    let per_call = |coalesced_calls: u64, coalesced_operations: u64| {
+        let calls = coalesced_calls + ops.saturating_sub(coalesced_operations);
+        (calls > 0).then(|| ops as f64 / calls as f64)
+    };
     let commands_per_batch = match workload {
         Workload::SessionCreate | Workload::SessionRotate => {
             let sessions = ctx.sessions.stats();
-            let coalesced = sessions.coalesced_operations - sessions_before.coalesced_operations;
-            // A call that carried one operation is not counted as coalesced.
-            let calls = sessions.coalesced_calls - sessions_before.coalesced_calls
-                + ops.saturating_sub(coalesced);
-            (calls > 0).then(|| ops as f64 / calls as f64)
+            per_call(
+                sessions.coalesced_calls - sessions_before.coalesced_calls,
+                sessions.coalesced_operations - sessions_before.coalesced_operations,
+            )
+        }
+        Workload::Ratelimit => {
+            let limiter = ctx.limiter.stats();
+            per_call(
+                limiter.coalesced_calls - limiter_before.coalesced_calls,
+                limiter.coalesced_decisions - limiter_before.coalesced_decisions,
+            )
         }
         _ => (batches > 0).then(|| {
             (pipelined.pipelined_commands - pipelined_before.pipelined_commands) as f64

@@ -253,36 +253,38 @@ fn only_near_get_turns_tracking_on() {
     assert_eq!(dbsize(&server), 0);
 }
 
-/// For the coalesced session scripts the last column is operations per script call: the
-/// operations run over the `EVALSHA`s redis-server served.
+/// For the coalesced scripts (sessions, the rate limiter) the last column is operations per
+/// script call: the operations run over the `EVALSHA`s redis-server served.
 #[test]
-fn session_rows_show_operations_per_script_call() {
-    let server = RedisServer::start();
-    let ops = 400;
+fn script_rows_show_operations_per_script_call() {
+    for workload in ["session_create", "ratelimit"] {
+        let server = RedisServer::start();
+        let ops = 400;
 
-    let output = bench(&[
-        "--url",
-        &server.url(),
-        "--ops",
-        &ops.to_string(),
-        "--concurrency",
-        "16",
-        "--workloads",
-        "session_create",
-    ]);
+        let output = bench(&[
+            "--url",
+            &server.url(),
+            "--ops",
+            &ops.to_string(),
+            "--concurrency",
+            "16",
+            "--workloads",
+            workload,
+        ]);
 
-    assert!(output.status.success(), "{output:?}");
-    let text = String::from_utf8(output.stdout).unwrap();
-    let row = text
-        .lines()
-        .find(|line| line.starts_with("session_create "))
-        .unwrap_or_else(|| panic!("no session_create row in {text}"));
-    let per_call: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
-    let served = ops as f64 / command_calls(&server, "evalsha") as f64;
-    assert!(
-        (per_call - served).abs() <= 0.05,
-        "{per_call} operations per call printed, {served} served"
-    );
+        assert!(output.status.success(), "{output:?}");
+        let text = String::from_utf8(output.stdout).unwrap();
+        let row = text
+            .lines()
+            .find(|line| line.starts_with(&format!("{workload} ")))
+            .unwrap_or_else(|| panic!("no {workload} row in {text}"));
+        let per_call: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+        let served = ops as f64 / command_calls(&server, "evalsha") as f64;
+        assert!(
+            (per_call - served).abs() <= 0.05,
+            "{workload}: {per_call} operations per call printed, {served} served"
+        );
+    }
 }
 
 fn read(path: &Path) -> String {

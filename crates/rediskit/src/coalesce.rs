@@ -1,10 +1,12 @@
-//! Coalescing of the session scripts: concurrent creations (or rotations) leave as one `EVALSHA`
-//! that does each caller's operation in turn.
+//! Coalescing of the scripts that do one operation per key (`each.lua`): concurrent session
+//! creations (or rotations, or one rate limiter's decisions) leave as one `EVALSHA` that does
+//! each caller's operation in turn.
 //!
-//! Under load the session scripts are bound by redis-server, not by the client: each `EVALSHA`
-//! costs it a fixed part (the call itself, setting up `KEYS` and `ARGV`, `TIME`, the reply)
-//! on top of the operation's own work. With several operations in one call that part is paid
-//! once (docs/benchmarks.md, session 8, has the measurements).
+//! Under load these scripts are bound by redis-server, not by the client: each `EVALSHA` costs
+//! it a fixed part (the call itself, setting up `KEYS` and `ARGV`, `TIME`, the reply), about
+//! 39k instructions for a session script, on top of the operation's own work. With several
+//! operations in one call that part is paid once (docs/benchmarks.md, sessions 8 and 13, has
+//! the measurements).
 //!
 //! A call goes out at once while fewer than [`IN_FLIGHT`] calls of its kind are in flight.
 //! Beyond that, callers queue, and the next call to go (when one in flight returns) takes up to
@@ -51,7 +53,7 @@ pub(crate) const IN_FLIGHT: usize = 4;
 /// and no other client's command runs meanwhile.
 pub(crate) const MAX_OPS: usize = 32;
 
-/// One session script's queue, with what it has sent.
+/// One script's queue, with what it has sent.
 pub(crate) struct Coalescer {
     client: Client,
     script: &'static Script,
@@ -72,12 +74,22 @@ struct State {
     scheduled: bool,
 }
 
-/// One caller's operation: the key, then the script's two arguments for it.
+/// One caller's operation: the key, then the script's two arguments for it (`ARGV[2i - 1]` and
+/// `ARGV[2i]`; for a session, its id and the packed rest).
 struct Op {
     key: String,
-    sid: String,
-    packed: Vec<u8>,
+    first: String,
+    second: Vec<u8>,
     reply: oneshot::Sender<Result<Value>>,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("what", &self.what)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counters of a [`Coalescer`].
@@ -106,15 +118,16 @@ impl Coalescer {
         }
     }
 
-    /// Runs the script for one operation on `key`, alone or with others', and returns its reply.
+    /// Runs the script for one operation on `key` with its two arguments, alone or with
+    /// others', and returns its reply.
     pub(crate) async fn run(
         self: &Arc<Self>,
         key: &str,
-        sid: &str,
-        packed: &[u8],
+        first: &str,
+        second: &[u8],
     ) -> Result<Value> {
         if !self.coalesces() {
-            return self.send_one(key, sid, packed).await;
+            return self.send_one(key, first, second).await;
         }
         let (reply, answer) = oneshot::channel();
         let start = {
@@ -125,8 +138,8 @@ impl Coalescer {
             } else {
                 state.waiting.push(Op {
                     key: key.to_owned(),
-                    sid: sid.to_owned(),
-                    packed: packed.to_vec(),
+                    first: first.to_owned(),
+                    second: second.to_vec(),
                     reply,
                 });
                 Some(state.in_flight < IN_FLIGHT && !std::mem::replace(&mut state.scheduled, true))
@@ -134,7 +147,7 @@ impl Coalescer {
         };
         let Some(start) = start else {
             let _done = Done(self);
-            return self.send_one(key, sid, packed).await;
+            return self.send_one(key, first, second).await;
         };
         if start {
             tokio::spawn(self.clone().flush());
@@ -166,14 +179,14 @@ impl Coalescer {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn send_one(&self, key: &str, sid: &str, packed: &[u8]) -> Result<Value> {
+    async fn send_one(&self, key: &str, first: &str, second: &[u8]) -> Result<Value> {
         let script = self.script;
         self.client
             .run(self.what, |mut c| async move {
                 script
                     .key(key)
-                    .arg(sid)
-                    .arg(packed)
+                    .arg(first)
+                    .arg(second)
                     .invoke_async(&mut c)
                     .await
             })
@@ -216,7 +229,7 @@ impl Coalescer {
         let ops = match <[Op; 1]>::try_from(ops) {
             // Alone: the script's own reply, as for a call sent at once.
             Ok([op]) => {
-                let result = self.send_one(&op.key, &op.sid, &op.packed).await;
+                let result = self.send_one(&op.key, &op.first, &op.second).await;
                 let _ = op.reply.send(result);
                 return;
             }
@@ -227,7 +240,7 @@ impl Coalescer {
             .fetch_add(ops.len() as u64, Ordering::Relaxed);
         let mut call = self.script.keys(ops.iter().map(|op| op.key.as_str()));
         for op in &ops {
-            call = call.arg(&op.sid).arg(&op.packed[..]);
+            call = call.arg(&op.first).arg(&op.second[..]);
         }
         let call = &call;
         let result: Result<Value> = self

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::Client;
-use crate::error::{Error, Result};
+use crate::coalesce::Coalescer;
+use crate::error::{Error, ErrorKind, Result};
 use crate::keys;
 
 /// How many requests, per how long, with how much extra burst.
@@ -117,6 +118,11 @@ pub struct RateLimitStats {
     pub rejected: u64,
     /// Decisions made by the failure policy because Redis was unavailable.
     pub degraded: u64,
+    /// Script calls that carried several decisions at once: concurrent callers' decisions leave
+    /// as one `EVALSHA` when calls of this limiter are already in flight (as sessions' do).
+    pub coalesced_calls: u64,
+    /// The decisions those calls carried.
+    pub coalesced_decisions: u64,
 }
 
 /// A named rate limiter; each caller key (an address, a user name) has its own budget.
@@ -124,8 +130,10 @@ pub struct RateLimitStats {
 ///
 /// # Behavior
 ///
-/// Each decision is one script on one key (`{prefix}rl:{name}:{escaped key}`), atomic under any
-/// concurrency and across service instances, timed by Redis's clock. The key expires when the
+/// Each decision is one script operation on one key (`{prefix}rl:{name}:{escaped key}`), atomic
+/// under any concurrency and across service instances, timed by Redis's clock. Under load,
+/// concurrent decisions of one limiter leave as one script call that makes each in turn
+/// ([`RateLimitStats::coalesced_calls`]), except on a Redis Cluster. The key expires when the
 /// caller is back to full capacity. When Redis is unavailable, the [`FailurePolicy`] answers, the
 /// decision says `degraded`, and [`RateLimitStats::degraded`] counts it.
 #[derive(Clone, Debug)]
@@ -143,6 +151,8 @@ struct Inner {
     allowed: AtomicU64,
     rejected: AtomicU64,
     degraded: AtomicU64,
+    /// The `gcra.lua` calls, coalesced under load: concurrent decisions leave as one call.
+    decisions: Arc<Coalescer>,
 }
 
 impl RateLimiter {
@@ -171,6 +181,7 @@ impl RateLimiter {
                 allowed: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 degraded: AtomicU64::new(0),
+                decisions: Coalescer::new(client.clone(), &crate::scripts::GCRA, "EVALSHA gcra"),
             }),
         })
     }
@@ -187,10 +198,13 @@ impl RateLimiter {
 
     /// Counters since the limiter was built.
     pub fn stats(&self) -> RateLimitStats {
+        let coalesced = self.inner.decisions.stats();
         RateLimitStats {
             allowed: self.inner.allowed.load(Ordering::Relaxed),
             rejected: self.inner.rejected.load(Ordering::Relaxed),
             degraded: self.inner.degraded.load(Ordering::Relaxed),
+            coalesced_calls: coalesced.batches,
+            coalesced_decisions: coalesced.operations,
         }
     }
 
@@ -230,19 +244,19 @@ impl RateLimiter {
                 gcra(tat, now_micros(), period_us, quota, cost)
             })),
             Ok(None) => {
-                self.inner
-                    .client
-                    .run("EVALSHA gcra", |mut c| async move {
-                        crate::scripts::GCRA
-                            .key(&redis_key)
-                            .arg(period_us)
-                            .arg(quota.limit)
-                            .arg(quota.capacity())
-                            .arg(cost)
-                            .invoke_async::<(u8, u64, u64, u64)>(&mut c)
-                            .await
-                    })
-                    .await
+                let mut packed = [0u8; 12];
+                packed[..4].copy_from_slice(&quota.limit.to_be_bytes());
+                packed[4..8].copy_from_slice(&quota.capacity().to_be_bytes());
+                packed[8..].copy_from_slice(&cost.to_be_bytes());
+                let reply = self
+                    .inner
+                    .decisions
+                    .run(&redis_key, &period_us.to_string(), &packed)
+                    .await;
+                reply.and_then(|value| {
+                    <GcraOutcome as redis::FromRedisValue>::from_redis_value(value)
+                        .map_err(|_| Error::new(ErrorKind::Backend, "unexpected reply from gcra"))
+                })
             }
         };
         let decision = match outcome {

@@ -163,3 +163,75 @@ async fn two_hundred_concurrent_callers() {
     }
     assert_eq!(passed, 25);
 }
+
+/// A limiter on a fresh redis-server with its scripts loaded and its stats reset.
+async fn coalescing_limiter(quota: Quota) -> (common::Backend, RateLimiter) {
+    let backend = common::Backend::redis().await;
+    backend.client.load_scripts().await.unwrap();
+    let limiter = RateLimiter::new(&backend.client, "co", quota).unwrap();
+    let () = common::admin_cmd(backend.server.as_ref().unwrap(), &["CONFIG", "RESETSTAT"]);
+    (backend, limiter)
+}
+
+/// Decisions started together leave as few script calls, each still its own: on one thread, 64
+/// callers at once are 4 calls sent at once (`coalesce::IN_FLIGHT`) and 2 coalesced ones (32
+/// and 28 decisions). Two callers per key and a limit of one: exactly one of each pair passes,
+/// and each refused one is told when to retry.
+#[tokio::test]
+async fn concurrent_decisions_are_coalesced() {
+    let (backend, limiter) = coalescing_limiter(Quota::per_minute(1)).await;
+    let keys: Vec<String> = (0..64).map(|i| format!("k{}", i / 2)).collect();
+    let decisions = futures_util::future::join_all(keys.iter().map(|key| limiter.check(key))).await;
+    let calls = common::evalsha_calls(backend.server.as_ref().unwrap());
+    assert_eq!(calls, 6, "64 decisions took {calls} EVALSHAs");
+    let stats = limiter.stats();
+    assert_eq!((stats.coalesced_calls, stats.coalesced_decisions), (2, 60));
+    assert_eq!((stats.allowed, stats.rejected), (32, 32));
+    for pair in decisions.chunks(2) {
+        let (first, second) = (pair[0].as_ref().unwrap(), pair[1].as_ref().unwrap());
+        assert!(first.allowed && !second.allowed, "{pair:?}");
+        assert!(!first.degraded && !second.degraded);
+        let retry = second.retry_after.unwrap();
+        assert!(
+            retry > Duration::from_secs(55) && retry <= Duration::from_secs(60),
+            "{retry:?}"
+        );
+    }
+}
+
+/// In a coalesced call, a decision that fails (its key holds a hash) fails alone: the others
+/// stand, and the foreign key is untouched.
+#[tokio::test]
+async fn a_coalesced_decision_fails_alone() {
+    let (backend, limiter) = coalescing_limiter(Quota::per_minute(5)).await;
+    let server = backend.server.as_ref().unwrap();
+    limiter.check("bad").await.unwrap();
+    let found: Vec<String> = common::admin_cmd(server, &["KEYS", "*bad*"]);
+    let [key] = found.as_slice() else {
+        panic!("one key for `bad`: {found:?}")
+    };
+    let () = common::admin_cmd(server, &["DEL", key]);
+    let () = common::admin_cmd(server, &["HSET", key, "f", "v"]);
+    // The first four go at once; the rest wait and leave together.
+    let callers = ["a", "b", "c", "d", "bad", "e", "f"];
+    let decisions =
+        futures_util::future::join_all(callers.iter().map(|caller| limiter.check(caller))).await;
+    for (caller, decision) in callers.iter().zip(decisions) {
+        match decision {
+            Err(err) if *caller == "bad" => {
+                assert_eq!(err.kind(), rediskit::ErrorKind::Backend, "{err}");
+                assert!(err.message().contains("WRONGTYPE"), "{err}");
+            }
+            decision => {
+                let decision = decision.map_err(|err| format!("{caller}: {err}")).unwrap();
+                assert!(
+                    decision.allowed && decision.remaining == 4,
+                    "{caller}: {decision:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(limiter.stats().coalesced_calls, 1);
+    let value: String = common::admin_cmd(server, &["HGET", key, "f"]);
+    assert_eq!(value, "v");
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use common::{admin_cmd, command_calls, evalsha_calls};
 use rediskit::{Client, ErrorKind, Sessions};
 use rediskit_testkit::RedisServer;
 
@@ -550,14 +551,6 @@ async fn another_secret_knows_no_token(client: &Client) {
 }
 
 // ---- Redis only ----
-
-fn admin_cmd<T: redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
-    let mut command = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        command.arg(*arg);
-    }
-    command.query(&mut server.admin()).unwrap()
-}
 
 /// `revoke_all` racing 1,000 concurrent `create`s: every create that returned before the revoke
 /// began is revoked, and every session is either revoked (counted) or survives (listed and
@@ -1101,22 +1094,6 @@ async fn logout_races_refresh() {
         );
     }
     eprintln!("refresh ran first in {refresh_won} of 100 rounds");
-}
-
-/// How many `EVALSHA`s the server ran since its stats were reset.
-fn evalsha_calls(server: &RedisServer) -> u64 {
-    command_calls(server, "evalsha")
-}
-
-/// How many times the server ran `command` (lower-case; scripts' calls count too) since its
-/// stats were reset.
-fn command_calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = admin_cmd(server, &["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
 }
 
 /// A store on a fresh redis-server with its scripts loaded and its stats reset.

@@ -242,7 +242,7 @@ fn markdown(
             },
         ),
         (
-            "Auto-pipelining: commands per batch (– none batched); session scripts: operations per call, by concurrency",
+            "Auto-pipelining: commands per batch (– none batched); session and rate-limit scripts: operations per call, by concurrency",
             |m| {
                 m.stats
                     .commands_per_batch

@@ -105,7 +105,7 @@ pub(super) struct Ctx {
     pub(super) client: Client,
     cache: Cache,
     pub(super) sessions: Sessions,
-    limiter: RateLimiter,
+    pub(super) limiter: RateLimiter,
     /// The bare `redis` connections of the baseline (and of the clean-up); never empty.
     pub(super) raw: Vec<MultiplexedConnection>,
     raw_next: AtomicUsize,

@@ -1,23 +1,34 @@
--- GCRA rate limit (generic cell rate algorithm), one key per limited caller.
--- KEYS[1] = the caller's key, holding its theoretical arrival time (TAT) in microseconds.
--- ARGV: period in µs, limit, capacity (limit + burst), cost.
--- Returns {allowed (0/1), remaining, reset_after µs, retry_after µs}.
--- The clock is Redis's own, so every instance of a service shares one notion of "now".
+-- GCRA rate limit (generic cell rate algorithm): one decision per key (see `each`, prepended).
+-- KEYS[i] = a caller's key, holding its theoretical arrival time (TAT) in microseconds.
+-- For each, ARGV: the period in µs (decimal text), then packed, big-endian: >I4 limit,
+-- >I4 capacity (limit + burst), >I4 cost.
+-- A decision answers {allowed (0/1), remaining, reset_after µs, retry_after µs}.
+-- The clock is Redis's own, read once per call, so every instance of a service shares one
+-- notion of "now"; the decisions of one call are made in turn, each on what the one before wrote.
 -- Keep in step with ratelimit.rs::gcra (the memory backend).
-local time = redis.call('TIME')
+local call = redis.call
+local unpack_bytes, format = struct.unpack, string.format
+local ceil, floor = math.ceil, math.floor
+local time = call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local interval = tonumber(ARGV[1]) / tonumber(ARGV[2])
-local capacity, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then
-  tat = now
+
+local function decide(key, period, packed)
+  local limit, capacity, cost = unpack_bytes('>I4I4I4', packed)
+  local interval = tonumber(period) / limit
+  local tat = tonumber(call('GET', key) or now)
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + interval * cost
+  local window = interval * capacity
+  if new_tat - now > window then
+    return {0, 0, ceil(tat - now), ceil(new_tat - now - window)}
+  end
+  local reset = ceil(new_tat - now)
+  local px = ceil(reset / 1000)
+  if px < 1 then px = 1 end
+  call('SET', key, format('%d', ceil(new_tat)), 'PX', px)
+  return {1, floor((window - (new_tat - now)) / interval), reset, 0}
 end
-local new_tat = tat + interval * cost
-local window = interval * capacity
-if new_tat - now > window then
-  local retry = math.ceil(new_tat - now - window)
-  return {0, 0, math.ceil(tat - now), retry}
-end
-local reset = math.ceil(new_tat - now)
-redis.call('SET', KEYS[1], string.format('%d', math.ceil(new_tat)), 'PX', math.max(1, math.ceil(reset / 1000)))
-return {1, math.floor((window - (new_tat - now)) / interval), reset, 0}
+
+return each(decide)

@@ -135,11 +135,14 @@ pub(crate) static DEL_IF_EQUALS: LazyLock<Script> =
 pub(crate) static GET_WITH_PTTL: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("get_with_pttl.lua")));
 
-/// The session scripts, each with the shared prelude prepended.
+/// The session scripts, each with `each.lua` (one operation per key, several per call) and the
+/// shared prelude prepended.
 macro_rules! session_script {
     ($name:ident, $file:literal) => {
         pub(crate) static $name: LazyLock<Script> = LazyLock::new(|| {
             Script::new(concat!(
+                include_str!("each.lua"),
+                "\n",
                 include_str!("session_prelude.lua"),
                 "\n",
                 include_str!($file)
@@ -157,8 +160,14 @@ session_script!(SESSION_REVOKE_ALL, "session_revoke_all.lua");
 pub(crate) static SET_MANY: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("set_many.lua")));
 
-/// `gcra.lua`: one rate-limit decision.
-pub(crate) static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("gcra.lua")));
+/// `gcra.lua`: rate-limit decisions, one per key (with `each.lua` prepended).
+pub(crate) static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("each.lua"),
+        "\n",
+        include_str!("gcra.lua")
+    ))
+});
 
 /// Every script, for [`Client::load_scripts`](crate::Client::load_scripts).
 pub(crate) fn all() -> [&'static Script; 8] {

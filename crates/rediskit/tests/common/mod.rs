@@ -103,3 +103,28 @@ macro_rules! conformance {
         }
     };
 }
+
+/// One command on `server`'s admin connection (outside any client under test); panics on error.
+pub fn admin_cmd<T: redis::FromRedisValue>(server: &RedisServer, args: &[&str]) -> T {
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.query(&mut server.admin()).unwrap()
+}
+
+/// How many `EVALSHA`s the server ran since its stats were reset.
+pub fn evalsha_calls(server: &RedisServer) -> u64 {
+    command_calls(server, "evalsha")
+}
+
+/// How many times the server ran `command` (lower-case; scripts' calls count too) since its
+/// stats were reset.
+pub fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = admin_cmd(server, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
