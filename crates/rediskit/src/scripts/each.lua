@@ -1,5 +1,4 @@
--- Prepended to the scripts that run one operation per key (the session scripts, gcra.lua): the
--- client sends several callers' operations in one call when they wait (coalesce.rs).
+-- Prepended to the scripts that run one operation per key: the session scripts and gcra.lua.
 --
 -- Runs `op(KEYS[i], ARGV[2i - 1], ARGV[2i])` for each key: one caller's operation each, sent
 -- together by the client when several wait (coalesce.rs). With one key, answers that
