@@ -131,7 +131,12 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             .absolute(stats.allowed);
         metrics::counter!("ratelimit_rejected_total", "limiter" => name.clone())
             .absolute(stats.rejected);
-        metrics::counter!("ratelimit_degraded_total", "limiter" => name).absolute(stats.degraded);
+        metrics::counter!("ratelimit_degraded_total", "limiter" => name.clone())
+            .absolute(stats.degraded);
+        metrics::counter!("ratelimit_coalesced_calls_total", "limiter" => name.clone())
+            .absolute(stats.coalesced_calls);
+        metrics::counter!("ratelimit_coalesced_decisions_total", "limiter" => name)
+            .absolute(stats.coalesced_decisions);
     }
     let mut text = state.metrics.render();
     // The client's latency histogram is already bucketed; write it out directly.

@@ -85,6 +85,23 @@ async fn metrics_are_prometheus_text() {
         operations >= 2.0 * calls,
         "{operations} operations in {calls} coalesced calls"
     );
+    // And each rate limiter's coalesced decisions.
+    for limiter in ["login", "auth"] {
+        let calls = metric(
+            &service,
+            &format!("ratelimit_coalesced_calls_total{{limiter=\"{limiter}\"}}"),
+        )
+        .await;
+        let decisions = metric(
+            &service,
+            &format!("ratelimit_coalesced_decisions_total{{limiter=\"{limiter}\"}}"),
+        )
+        .await;
+        assert!(
+            decisions >= 2.0 * calls,
+            "{limiter}: {decisions} decisions in {calls} coalesced calls"
+        );
+    }
 }
 
 /// `GET /openapi.json` is an OpenAPI 3 document listing the API's paths.
