@@ -1,8 +1,10 @@
 //! Rate limiting with GCRA (the generic cell rate algorithm) in one atomic script.
 //!
 //! The original did `get`, compare, `set` — three steps that concurrent requests interleave, so
-//! it let through as many requests as raced it. Here each decision is one script: read the
-//! caller's theoretical arrival time, decide, write it back, on Redis's clock.
+//! it let through as many requests as raced it. Here each decision is one script operation:
+//! read the caller's theoretical arrival time, decide, write it back, on Redis's clock. Under
+//! load, concurrent decisions of one limiter leave as one script call that makes each in turn
+//! (`coalesce.rs`), so redis-server pays a call's fixed cost once for all of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
