@@ -8,7 +8,8 @@
 //! every operation — create, rotate, revoke one, revoke all, list — is one script or one command
 //! on one key: atomic, race-free, and runnable unchanged on Redis Cluster. The key expires with
 //! the user's last live session (rounded up by at most a sixteenth of that session's life, so
-//! most writes need not move it); ended sessions are swept out by every write.
+//! most writes need not move it). Ended sessions are swept out in batches: by a creation at
+//! every eighth record or at the cap, by a revoke, and by a rotation that ends its session.
 //!
 //! # Tokens
 //!
@@ -1264,9 +1265,9 @@ mod engine {
         (end > now).then(|| Duration::from_secs(u64::from(end - now)))
     }
 
-    /// Unlike the script, which skips the sweep for mid-sized users to stay O(1), this always
-    /// sweeps: in-process it is cheap, and the outcome is the same (ended sessions are invisible
-    /// either way, and eviction happens only at the cap, where both sweep).
+    /// Unlike the script, which sweeps only at every eighth record and at the cap to stay O(1),
+    /// this always sweeps: in-process it is cheap, and the outcome is the same (ended sessions
+    /// are invisible either way, and eviction happens only at the cap, where both sweep).
     pub(super) fn create(
         map: &mut Table,
         args: &CreateArgs<'_>,

@@ -703,6 +703,49 @@ async fn key_layout() {
     assert_eq!(encoding, "listpack");
 }
 
+/// A creation reads the user's sessions only when their record count is a multiple of 8 (or at
+/// the cap): the others are O(1) and leave ended records for that sweep, which removes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_sweep_ended_sessions_every_eighth_record() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = sessions(&backend.client);
+    let hlen = || -> u64 { admin_cmd(server, &["HLEN", "rk:s:{bob}"]) };
+    let minute = Some(Duration::from_secs(60));
+    let kept = store.create("bob", "kept", minute, None).await.unwrap();
+    for _ in 0..6 {
+        store
+            .create("bob", "brief", Some(Duration::from_secs(1)), None)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Seven records, six of them ended: the eighth creation neither reads nor sweeps them.
+    let () = admin_cmd(server, &["CONFIG", "RESETSTAT"]);
+    let eighth = store.create("bob", "eighth", minute, None).await.unwrap();
+    assert_eq!(command_calls(server, "hgetall"), 0, "a creation at 7 swept");
+    assert_eq!(hlen(), 8);
+    // At 8 records the next creation sweeps: the six ended records go, the live ones stay.
+    let ninth = store.create("bob", "ninth", minute, None).await.unwrap();
+    assert_eq!(command_calls(server, "hgetall"), 1);
+    assert_eq!(hlen(), 3, "the ended records were not swept");
+    let mut listed: Vec<String> = store
+        .sessions("bob")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    listed.sort();
+    let mut live = vec![
+        kept.session.session_id,
+        eighth.session.session_id,
+        ninth.session.session_id,
+    ];
+    live.sort();
+    assert_eq!(listed, live);
+}
+
 /// A write moves the user's key expiry only when its session's bound moves past the one the
 /// session had (`key_until` in session_prelude.lua): a creation beside a session with the same
 /// lifetime, and rotations keeping the lifetime, mostly leave the `EXPIREAT` out, yet the key

@@ -21,9 +21,12 @@ local function create(key, sid, packed)
     times[ttl] = written
   end
   local rec = sub(packed, 13, 32) .. written .. sub(packed, 33)
-  -- Sweeping reads every session of the user: do it when the user has few (at most 32: cheap,
-  -- keeps small hashes clean) or when the cap may be reached (needed to count live ones). In
-  -- between, a create is O(1); ended sessions wait for the next sweep or for the key to expire.
+  -- Sweeping reads every session of the user: do it when the cap may be reached (needed to
+  -- count live ones) and when the user's record count is a multiple of 8. Between those a
+  -- create is O(1), and ended sessions wait for the next sweep, the cap or the key's expiry: a
+  -- sweep leaves only live records, and a hash grows by at most 8 records before the next one.
+  -- So a hash holds at most 8 records more than were live at its last sweep (a user who logs in
+  -- again, each session ended before the next, holds at most 8), and the sweep's cost is shared by 8 creations.
   local evicted = 0
   local bound = key_until(ends, now)
   local count = call('HLEN', key)
@@ -31,7 +34,7 @@ local function create(key, sid, packed)
     -- A new key: nothing to sweep, and its expiry is this session's bound.
     call('HSET', key, sid, rec)
     call('EXPIREAT', key, format('%d', bound))
-  elseif count <= 32 or count >= max then
+  elseif count >= max or count % 8 == 0 then
     local live, ended, key_end = scan(key, idle)
     -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
     -- not grow memory there) before anything changed. Deletions first would have let it through,
