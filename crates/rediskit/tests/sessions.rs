@@ -1176,6 +1176,35 @@ async fn concurrent_scripts_are_coalesced() {
     );
 }
 
+/// The creations of one coalesced call may each set a different expiry: every user's key ends
+/// with its own sessions, for a new key and for one that is extended, whatever the others wrote.
+#[tokio::test]
+async fn coalesced_creations_each_set_their_own_expiry() {
+    const LIVES: [u64; 4] = [100, 1_000, 10_000, 100_000];
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let users: Vec<String> = (0..64).map(|i| format!("u{i}")).collect();
+    let life = |i: usize, round: usize| LIVES[(i + round) % LIVES.len()];
+    let ttl = |user: &str| -> i64 { admin_cmd(server, &["TTL", &format!("rk:s:{{{user}}}")]) };
+    for round in 0..2 {
+        let created = futures_util::future::join_all(users.iter().enumerate().map(|(i, user)| {
+            store.create(user, "d", Some(Duration::from_secs(life(i, round))), None)
+        }))
+        .await;
+        assert!(created.iter().all(Result::is_ok));
+        assert!(store.stats().coalesced_calls > 0, "nothing was coalesced");
+        for (i, user) in users.iter().enumerate() {
+            // The longest session of the user so far, rounded up by at most a sixteenth of it.
+            let longest = (0..=round).map(|r| life(i, r)).max().unwrap() as i64;
+            let ttl = ttl(user);
+            assert!(
+                (longest - 5..=longest + longest / 16 + 1).contains(&ttl),
+                "round {round}: {user}'s key expires in {ttl} s, its longest session in {longest} s"
+            );
+        }
+    }
+}
+
 /// In a coalesced call, an operation that fails (its user's key holds a string) fails alone:
 /// the others' creations and rotations stand, and the foreign key is untouched.
 #[tokio::test]

@@ -33,7 +33,7 @@ local function create(key, sid, packed)
   if count == 0 then
     -- A new key: nothing to sweep, and its expiry is this session's bound.
     call('HSET', key, sid, rec)
-    call('EXPIREAT', key, format('%d', bound))
+    call('EXPIREAT', key, time_text(bound))
   elseif count >= max or count % 8 == 0 then
     local live, ended, key_end = scan(key, idle)
     -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
@@ -59,7 +59,7 @@ local function create(key, sid, packed)
     -- the live ones' bound (see `key_until`), and only a later bound needs a write.
     if #ended > 0 or bound > key_end then
       if key_end > bound then bound = key_end end
-      call('EXPIREAT', key, format('%d', bound))
+      call('EXPIREAT', key, time_text(bound))
     end
   else
     call('HSET', key, sid, rec)

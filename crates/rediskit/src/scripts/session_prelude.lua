@@ -75,16 +75,27 @@ local function scan(key, idle)
   return live, ended, key_end
 end
 
+-- A time as the text EXPIREAT takes, made once per call for each time: the operations of one
+-- call mostly share a bound (one `now`, one configuration), and a `format` cost redis-server
+-- ~1.4k instructions a time. (`%d`: Lua's own number-to-text, `%.14g`, cost 1.4k more.)
+local texts = {}
+local function time_text(t)
+  local text = texts[t]
+  if not text then
+    text = format('%d', t)
+    texts[t] = text
+  end
+  return text
+end
+
 -- Deletes the user's ended sessions and sets the key to expire with its live sessions' bound.
--- (Times go to EXPIREAT as `%d` text: Lua's own number-to-text, `%.14g`, cost redis-server
--- 1.4k instructions more.)
 local function sweep(key, idle)
   local live, ended, key_end = scan(key, idle)
   if #ended > 0 then
     call('HDEL', key, unpack(ended))
   end
   if #live > 0 then
-    call('EXPIREAT', key, format('%d', key_end))
+    call('EXPIREAT', key, time_text(key_end))
   end
 end
 
@@ -92,5 +103,5 @@ end
 -- here: every script that writes it sets one (a new key gets a plain EXPIREAT in create), and
 -- GT leaves an unchanged or earlier time alone, in one call.
 local function extend(key, bound)
-  call('EXPIREAT', key, format('%d', bound), 'GT')
+  call('EXPIREAT', key, time_text(bound), 'GT')
 end
