@@ -8,10 +8,13 @@
 //! operations in one call that part is paid once (docs/benchmarks.md, sessions 8 and 13, has
 //! the measurements).
 //!
-//! A call goes out at once while fewer than [`IN_FLIGHT`] calls of its kind are in flight.
-//! Beyond that, callers queue, and the next call to go (when one in flight returns) takes up to
-//! [`MAX_OPS`] of them. So a lone caller pays nothing, and under load the batches grow with the
-//! queue rather than with a timer.
+//! A call goes out at once while fewer than [`MIN_IN_FLIGHT`] calls of its kind are in flight,
+//! and up to [`IN_FLIGHT`] while those are small (the server has room, and more calls overlap
+//! their round trips) or the queue fills a whole call. Beyond that, callers queue, and the next
+//! call to go (when one in flight returns) takes up to [`MAX_OPS`] of them. So a lone caller
+//! pays nothing, few callers overlap their calls, and under load the batches grow with the
+//! queue rather than with a timer: a busy server gets fewer, larger calls, each of whose fixed
+//! part is shared by more operations.
 //!
 //! Each operation stays what it was alone:
 //! - **Atomic on its own key.** The script runs one operation after the other; none sees another
@@ -42,12 +45,24 @@ use crate::client::{BackendKind, Client};
 use crate::error::{Error, ErrorKind, Result};
 use crate::scripts::Script;
 
-/// Calls of one kind in flight at once before callers queue for the next one. Measured at 64
+/// Calls of one kind in flight at most before callers queue for the next one. Measured at 64
 /// tasks (docs/benchmarks.md, session 8, six alternating rounds): 1 halved the throughput (the
 /// server idles while the client reads a call's replies), 8 left most calls alone (~1.1
-/// operations each), 4 beat 2 by 25–33 % in medians. Again on a faster VM (session 13): 2 gained
-/// 3–6 % at 64 tasks but lost 21–33 % at 8 tasks and 16–21 % at 256.
+/// operations each), 4 beat 2 by 25–33 % in medians. Again on a faster VM (session 13): a fixed
+/// 2 gained 3–6 % at 64 tasks but lost 21–33 % at 8 tasks and 16–21 % at 256, which is what
+/// [`MIN_IN_FLIGHT`] and [`SMALL_CALL`] are for.
 pub(crate) const IN_FLIGHT: usize = 4;
+
+/// Calls of one kind in flight that may always be: beyond them, more go only while the calls
+/// in flight are small or the queue fills a whole call ([`State::may_send`]). At 64 tasks that
+/// makes calls of ~22 operations instead of ~12: 3–5 % more session operations per second, and
+/// 8–14 % less of redis-server's time per operation; at 8 tasks, where calls are small, it
+/// changes nothing (docs/benchmarks.md, session 14).
+pub(crate) const MIN_IN_FLIGHT: usize = 2;
+
+/// Operations per call in flight, on average, below which the calls are small: the server has
+/// room to spare, and another call overlaps its round trip with theirs.
+pub(crate) const SMALL_CALL: usize = 8;
 
 /// Operations one call carries at most; redis-server runs them back to back (a few µs each),
 /// and no other client's command runs meanwhile.
@@ -70,8 +85,22 @@ struct State {
     waiting: Vec<Op>,
     /// Calls in flight (sent alone or coalesced).
     in_flight: usize,
+    /// The operations those calls carry.
+    ops_in_flight: usize,
     /// A flush task is spawned that has not taken the queue yet.
     scheduled: bool,
+}
+
+impl State {
+    /// Whether another call may go now: always while fewer than [`MIN_IN_FLIGHT`] are in
+    /// flight; up to [`IN_FLIGHT`] while those carry fewer than [`SMALL_CALL`] operations on
+    /// average (the server has room to spare) or the queue fills a whole call.
+    fn may_send(&self) -> bool {
+        self.in_flight < MIN_IN_FLIGHT
+            || (self.in_flight < IN_FLIGHT
+                && (self.waiting.len() >= MAX_OPS
+                    || self.ops_in_flight < SMALL_CALL * self.in_flight))
+    }
 }
 
 /// One caller's operation: the key, then the script's two arguments for it (`ARGV[2i - 1]` and
@@ -132,8 +161,9 @@ impl Coalescer {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut state = self.lock();
-            if state.in_flight < IN_FLIGHT && state.waiting.is_empty() {
+            if state.waiting.is_empty() && state.may_send() {
                 state.in_flight += 1;
+                state.ops_in_flight += 1;
                 None
             } else {
                 state.waiting.push(Op {
@@ -142,11 +172,11 @@ impl Coalescer {
                     second: second.to_vec(),
                     reply,
                 });
-                Some(state.in_flight < IN_FLIGHT && !std::mem::replace(&mut state.scheduled, true))
+                Some(state.may_send() && !std::mem::replace(&mut state.scheduled, true))
             }
         };
         let Some(start) = start else {
-            let _done = Done(self);
+            let _done = Done(self, 1);
             return self.send_one(key, first, second).await;
         };
         if start {
@@ -215,17 +245,18 @@ impl Coalescer {
             if state.waiting.is_empty() {
                 return;
             }
-            state.in_flight += 1;
             let n = state.waiting.len().min(MAX_OPS);
-            let ops = state.waiting.drain(..n).collect();
+            state.in_flight += 1;
+            state.ops_in_flight += n;
+            let ops: Vec<Op> = state.waiting.drain(..n).collect();
             // More than this call carries, and another may go: it goes now.
-            if !state.waiting.is_empty() && state.in_flight < IN_FLIGHT {
+            if !state.waiting.is_empty() && state.may_send() {
                 state.scheduled = true;
                 tokio::spawn(self.clone().flush());
             }
             ops
         };
-        let _done = Done(&self);
+        let _done = Done(&self, ops.len());
         let ops = match <[Op; 1]>::try_from(ops) {
             // Alone: the script's own reply, as for a call sent at once.
             Ok([op]) => {
@@ -277,10 +308,11 @@ impl Coalescer {
     }
 
     /// One call in flight fewer; starts a flush for the callers waiting, if none is coming.
-    fn finished(self: &Arc<Self>) {
+    fn finished(self: &Arc<Self>, ops: usize) {
         let start = {
             let mut state = self.lock();
             state.in_flight -= 1;
+            state.ops_in_flight -= ops;
             !state.waiting.is_empty() && !std::mem::replace(&mut state.scheduled, true)
         };
         if start {
@@ -293,12 +325,12 @@ impl Coalescer {
     }
 }
 
-/// A call in flight, until it returns or is dropped.
-struct Done<'a>(&'a Arc<Coalescer>);
+/// A call in flight and the operations it carries, until it returns or is dropped.
+struct Done<'a>(&'a Arc<Coalescer>, usize);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        self.0.finished();
+        self.0.finished(self.1);
     }
 }
 
@@ -314,6 +346,59 @@ impl Drop for Scheduled<'_> {
     fn drop(&mut self) {
         if !self.taken {
             self.coalescer.lock().scheduled = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(in_flight: usize, ops_in_flight: usize, waiting: usize) -> State {
+        let waiting = (0..waiting)
+            .map(|i| Op {
+                key: format!("k{i}"),
+                first: String::new(),
+                second: Vec::new(),
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        State {
+            waiting,
+            in_flight,
+            ops_in_flight,
+            scheduled: false,
+        }
+    }
+
+    /// Up to two calls go whatever they carry; more only while those in flight are small or
+    /// the queue fills a call; never more than four.
+    #[test]
+    fn another_call_goes_while_the_server_has_room() {
+        // (calls in flight, operations they carry, operations waiting) -> may another go?
+        let cases = [
+            ((0, 0, 1), true),
+            ((1, 32, 1), true),
+            ((2, 2, 1), true),
+            ((3, 3, 5), true),
+            ((3, 23, 5), true),
+            // Two or three calls of 8 operations or more on average: the next waits...
+            ((2, 16, 1), false),
+            ((2, 40, 31), false),
+            ((3, 24, 10), false),
+            // ...unless the queue fills a whole call.
+            ((2, 40, MAX_OPS), true),
+            ((3, 90, MAX_OPS + 5), true),
+            // Never more than IN_FLIGHT.
+            ((4, 4, MAX_OPS), false),
+            ((4, 100, 100), false),
+        ];
+        for ((in_flight, ops, waiting), expected) in cases {
+            assert_eq!(
+                state(in_flight, ops, waiting).may_send(),
+                expected,
+                "{in_flight} calls in flight carrying {ops}, {waiting} waiting"
+            );
         }
     }
 }
