@@ -26,7 +26,8 @@ local function create(key, sid, packed)
   -- create is O(1), and ended sessions wait for the next sweep, the cap or the key's expiry: a
   -- sweep leaves only live records, and a hash grows by at most 8 records before the next one.
   -- So a hash holds at most 8 records more than were live at its last sweep (a user who logs in
-  -- again, each session ended before the next, holds at most 8), and the sweep's cost is shared by 8 creations.
+  -- again and again, each session ended before the next, holds at most 8), and the sweep's cost
+  -- is shared by 8 creations.
   local evicted = 0
   local bound = key_until(ends, now)
   local count = call('HLEN', key)
