@@ -61,7 +61,8 @@ pub(crate) const IN_FLIGHT: usize = 4;
 pub(crate) const MIN_IN_FLIGHT: usize = 2;
 
 /// Operations per call in flight, on average, below which the calls are small: the server has
-/// room to spare, and another call overlaps its round trip with theirs.
+/// room to spare, and another call overlaps its round trip with theirs. 4 lost 7–9 % at 16
+/// tasks; 16 did as 8 at 8, 16 and 64 tasks (docs/benchmarks.md, session 14).
 pub(crate) const SMALL_CALL: usize = 8;
 
 /// Operations one call carries at most; redis-server runs them back to back (a few µs each),
