@@ -149,6 +149,8 @@ struct Inner {
     name: String,
     prefix: String,
     quota: Quota,
+    /// The quota's period in µs as `gcra.lua` takes it (decimal text), made once.
+    period_text: String,
     policy: FailurePolicy,
     allowed: AtomicU64,
     rejected: AtomicU64,
@@ -178,6 +180,7 @@ impl RateLimiter {
                 prefix: format!("{}rl:{name}:", client.key_prefix()),
                 client: client.clone(),
                 name: name.to_owned(),
+                period_text: quota.period.as_micros().to_string(),
                 quota,
                 policy,
                 allowed: AtomicU64::new(0),
@@ -253,7 +256,7 @@ impl RateLimiter {
                 let reply = self
                     .inner
                     .decisions
-                    .run(&redis_key, &period_us.to_string(), &packed)
+                    .run(&redis_key, &self.inner.period_text, &packed)
                     .await;
                 reply.and_then(|value| {
                     <GcraOutcome as redis::FromRedisValue>::from_redis_value(value)
