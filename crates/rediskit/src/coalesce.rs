@@ -28,9 +28,15 @@
 //!   script's first: a rotation that follows a deleting one in the same call goes through where
 //!   alone it would not. It rewrites its record in place; creations write theirs first, and are
 //!   refused as alone. Decision 0007.)
-//! - **Its own deadline.** A caller that gives up (its deadline, or its future dropped) before
-//!   its operation was taken is left out, as an abandoned command is by the auto-pipelining
-//!   queue: its outcome was reported unknown, and not running it is one of the outcomes.
+//! - **Its own deadline.** Each operation carries its caller's deadline (an instant), as a
+//!   queued command does in the auto-pipelining queue (decision 0009): the call that carries it
+//!   waits with one timer, at the earliest deadline of its operations; when that passes, those
+//!   callers get their timeout and the timer moves to the next. A queued caller has no timer of
+//!   its own: one per operation was 1.6 % of the client's instructions per rotation and 3.3 %
+//!   per creation (callgrind, docs/benchmarks.md, session 15). A caller
+//!   that gives up (its future dropped) or whose deadline passed before its operation was taken
+//!   is left out, as an abandoned command is by the auto-pipelining queue: its outcome was
+//!   reported unknown, and not running it is one of the outcomes.
 //!
 //! Not coalesced: a Redis Cluster (the keys of one call must share a slot, and users' keys do
 //! not), and a client with [`Config::auto_pipeline`](crate::Config::auto_pipeline) off.
@@ -40,6 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redis::Value;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::client::{BackendKind, Client};
 use crate::error::{Error, ErrorKind, Result};
@@ -110,7 +117,15 @@ struct Op {
     key: String,
     first: String,
     second: Vec<u8>,
+    /// When its caller's deadline passes: the command timeout from when it queued.
+    until: Instant,
     reply: oneshot::Sender<Result<Value>>,
+}
+
+/// A caller whose operation a call carries, until it is answered (`reply` taken).
+struct Waiter {
+    until: Instant,
+    reply: Option<oneshot::Sender<Result<Value>>>,
 }
 
 impl std::fmt::Debug for Coalescer {
@@ -152,54 +167,56 @@ impl Coalescer {
     /// others', and returns its reply.
     pub(crate) async fn run(
         self: &Arc<Self>,
-        key: &str,
+        key: String,
         first: &str,
-        second: &[u8],
+        second: Vec<u8>,
     ) -> Result<Value> {
         if !self.coalesces() {
-            return self.send_one(key, first, second).await;
+            return self.send_one(&key, first, &second).await;
         }
         let (reply, answer) = oneshot::channel();
-        let start = {
+        let (key, second, start) = {
             let mut state = self.lock();
             if state.waiting.is_empty() && state.may_send() {
                 state.in_flight += 1;
                 state.ops_in_flight += 1;
-                None
+                (key, second, None)
             } else {
                 state.waiting.push(Op {
-                    key: key.to_owned(),
+                    key,
                     first: first.to_owned(),
-                    second: second.to_vec(),
+                    second,
+                    until: Instant::now() + self.client.config().command_timeout,
                     reply,
                 });
-                Some(state.may_send() && !std::mem::replace(&mut state.scheduled, true))
+                let start = state.may_send() && !std::mem::replace(&mut state.scheduled, true);
+                (String::new(), Vec::new(), Some(start))
             }
         };
         let Some(start) = start else {
+            // Sent at once: `Client::run` bounds the call by the command deadline.
             let _done = Done(self, 1);
-            return self.send_one(key, first, second).await;
+            return self.send_one(&key, first, &second).await;
         };
         if start {
             tokio::spawn(self.clone().flush());
         }
-        let deadline = self.client.config().command_timeout;
-        let failed = match tokio::time::timeout(deadline, answer).await {
-            Ok(Ok(result)) => return result,
-            Ok(Err(_)) => Error::new(
+        // No timer here: the call that takes this operation answers it by its deadline (see the
+        // module's docs), and one is always coming (`finished`, `Scheduled`).
+        answer.await.unwrap_or_else(|_| {
+            let failed = Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "the {} call carrying this operation was dropped (its runtime shut down); \
-                     the outcome is unknown",
+                    "the {} call for this operation was dropped before it answered (its \
+                     runtime shut down); the outcome is unknown",
                     self.what
                 ),
-            ),
-            Err(_) => Error::timeout(self.what, deadline),
-        };
-        // The caller's own failure, counted as such: queued, it never reached a call; carried, its
-        // call counts once for itself whenever it ends, and not per operation.
-        self.client.count_failure(&failed);
-        Err(failed)
+            );
+            // The caller's own failure, counted as such: a call counts once for itself
+            // whenever it ends, and not per operation.
+            self.client.count_failure(&failed);
+            Err(failed)
+        })
     }
 
     fn coalesces(&self) -> bool {
@@ -237,13 +254,21 @@ impl Coalescer {
         };
         // Callers that are ready to queue do so meanwhile.
         tokio::task::yield_now().await;
+        let mut passed = Vec::new();
         let ops: Vec<Op> = {
             let mut state = self.lock();
             state.scheduled = false;
             scheduled.taken = true;
-            // A caller that gave up is left out (see the module's docs).
+            // A caller that gave up, or whose deadline passed, is left out (see the module's
+            // docs); the latter is answered below, out of the lock.
             state.waiting.retain(|op| !op.reply.is_closed());
+            let now = Instant::now();
+            passed.extend(state.waiting.extract_if(.., |op| op.until <= now));
             if state.waiting.is_empty() {
+                drop(state);
+                for op in passed {
+                    self.time_out(op.reply);
+                }
                 return;
             }
             let n = state.waiting.len().min(MAX_OPS);
@@ -258,11 +283,22 @@ impl Coalescer {
             ops
         };
         let _done = Done(&self, ops.len());
+        for op in passed {
+            self.time_out(op.reply);
+        }
         let ops = match <[Op; 1]>::try_from(ops) {
             // Alone: the script's own reply, as for a call sent at once.
             Ok([op]) => {
-                let result = self.send_one(&op.key, &op.first, &op.second).await;
-                let _ = op.reply.send(result);
+                let mut waiter = [Waiter {
+                    until: op.until,
+                    reply: Some(op.reply),
+                }];
+                let call = self.send_one(&op.key, &op.first, &op.second);
+                if let Some(result) = self.within_deadlines(call, &mut waiter).await
+                    && let Some(reply) = waiter[0].reply.take()
+                {
+                    let _ = reply.send(result);
+                }
                 return;
             }
             Err(ops) => ops,
@@ -274,38 +310,88 @@ impl Coalescer {
         for op in &ops {
             call = call.arg(&op.first).arg(&op.second[..]);
         }
+        let mut waiters: Vec<Waiter> = ops
+            .into_iter()
+            .map(|op| Waiter {
+                until: op.until,
+                reply: Some(op.reply),
+            })
+            .collect();
         let call = &call;
-        let result: Result<Value> = self
-            .client
-            .run(
-                self.what,
-                |mut c| async move { call.invoke_value(&mut c).await },
-            )
-            .await;
+        let result = self.client.run(
+            self.what,
+            |mut c| async move { call.invoke_value(&mut c).await },
+        );
+        // Every caller's deadline passed: the reply, when it comes, is dropped.
+        let Some(result) = self.within_deadlines(result, &mut waiters).await else {
+            return;
+        };
         match result {
-            Ok(Value::Array(replies)) if replies.len() == ops.len() => {
-                for (op, reply) in ops.into_iter().zip(replies) {
-                    let reply = match reply {
+            Ok(Value::Array(values)) if values.len() == waiters.len() => {
+                // The passed callers' replies are skipped: each reply is its own operation's.
+                for (waiter, value) in waiters.iter_mut().zip(values) {
+                    let Some(reply) = waiter.reply.take() else {
+                        continue;
+                    };
+                    let _ = reply.send(match value {
                         Value::ServerError(err) => Err(Error::from(redis::RedisError::from(err))),
                         value => Ok(value),
-                    };
-                    let _ = op.reply.send(reply);
+                    });
                 }
             }
             Ok(_) => {
-                for op in ops {
-                    let _ = op.reply.send(Err(Error::new(
+                for reply in waiters.iter_mut().filter_map(|w| w.reply.take()) {
+                    let _ = reply.send(Err(Error::new(
                         ErrorKind::Backend,
                         format!("unexpected reply from a coalesced {}", self.what),
                     )));
                 }
             }
             Err(err) => {
-                for op in ops {
-                    let _ = op.reply.send(Err(err.duplicate()));
+                for reply in waiters.iter_mut().filter_map(|w| w.reply.take()) {
+                    let _ = reply.send(Err(err.duplicate()));
                 }
             }
         }
+    }
+
+    /// Waits for `call` until the earliest deadline of the `waiters` not yet answered, answers
+    /// those whose deadlines passed with their timeout, and waits again until the next; `None`
+    /// once every one was answered. One timer at a time for the whole call.
+    async fn within_deadlines<T>(
+        &self,
+        call: impl std::future::Future<Output = T>,
+        waiters: &mut [Waiter],
+    ) -> Option<T> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            let until = waiters
+                .iter()
+                .filter(|w| w.reply.is_some())
+                .map(|w| w.until)
+                .min()?;
+            if let Ok(result) = tokio::time::timeout_at(until, call.as_mut()).await {
+                return Some(result);
+            }
+            let now = Instant::now();
+            for waiter in waiters.iter_mut().filter(|w| w.until <= now) {
+                if let Some(reply) = waiter.reply.take() {
+                    self.time_out(reply);
+                }
+            }
+        }
+    }
+
+    /// Answers a caller whose deadline passed with its timeout, counted as the call's own
+    /// timeout would be: an operator sees every timeout a caller saw. A caller that already
+    /// gave up is not counted.
+    fn time_out(&self, reply: oneshot::Sender<Result<Value>>) {
+        if reply.is_closed() {
+            return;
+        }
+        let err = Error::timeout(self.what, self.client.config().command_timeout);
+        self.client.count_failure(&err);
+        let _ = reply.send(Err(err));
     }
 
     /// One call in flight fewer; starts a flush for the callers waiting, if none is coming.
@@ -319,10 +405,26 @@ impl Coalescer {
         if start {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => drop(runtime.spawn(self.clone().flush())),
-                // No runtime to run it (this ran as the runtime went): the next caller starts one.
-                Err(_) => self.lock().scheduled = false,
+                // No runtime to run it (this ran as the runtime went).
+                Err(_) => self.no_flush_coming(),
             }
         }
+    }
+
+    /// The flush that was to take the queue will not run (its runtime went). A call still in
+    /// flight starts another when it ends; with none, nothing would, and the callers queued,
+    /// who have no timers of their own, are told now: their operations are dropped unsent, and
+    /// each caller gets its "dropped" error.
+    fn no_flush_coming(&self) {
+        let stranded = {
+            let mut state = self.lock();
+            state.scheduled = false;
+            if state.in_flight > 0 {
+                return;
+            }
+            std::mem::take(&mut state.waiting)
+        };
+        drop(stranded);
     }
 }
 
@@ -336,8 +438,8 @@ impl Drop for Done<'_> {
 }
 
 /// A flush task until it takes the queue. Dropped before that (its runtime shutting down), it
-/// tells the queue that no flush is coming, so that the next caller or call that returns starts
-/// one: nothing waits for a flush that will never run.
+/// tells the queue that no flush is coming ([`Coalescer::no_flush_coming`]): nothing waits for
+/// a flush that will never run.
 struct Scheduled<'a> {
     coalescer: &'a Arc<Coalescer>,
     taken: bool,
@@ -346,7 +448,7 @@ struct Scheduled<'a> {
 impl Drop for Scheduled<'_> {
     fn drop(&mut self) {
         if !self.taken {
-            self.coalescer.lock().scheduled = false;
+            self.coalescer.no_flush_coming();
         }
     }
 }
@@ -361,6 +463,7 @@ mod tests {
                 key: format!("k{i}"),
                 first: String::new(),
                 second: Vec::new(),
+                until: Instant::now(),
                 reply: oneshot::channel().0,
             })
             .collect();

@@ -256,7 +256,7 @@ impl RateLimiter {
                 let reply = self
                     .inner
                     .decisions
-                    .run(&redis_key, &self.inner.period_text, &packed)
+                    .run(redis_key, &self.inner.period_text, packed.to_vec())
                     .await;
                 reply.and_then(|value| {
                     <GcraOutcome as redis::FromRedisValue>::from_redis_value(value)

@@ -448,8 +448,7 @@ impl Sessions {
             Some(memory) => memory.update_hash(&key, |map| engine::create(map, &args, unix_now())),
             None => {
                 let _forget = self.forget(&key);
-                let packed = args.packed();
-                let raw = self.inner.creates.run(&key, args.sid, &packed).await?;
+                let raw = self.inner.creates.run(key, args.sid, args.packed()).await?;
                 created_reply(raw, args.ttl)?
             }
         };
@@ -539,8 +538,8 @@ impl Sessions {
             Some(memory) => memory.update_hash(&key, |map| engine::rotate(map, &args, unix_now())),
             None => {
                 let _forget = self.forget(&key);
-                let packed = args.packed();
-                let raw = self.inner.rotations.run(&key, args.sid, &packed).await?;
+                let packed = args.packed().to_vec();
+                let raw = self.inner.rotations.run(key, args.sid, packed).await?;
                 RotateReply::from_redis(raw)?
             }
         };

@@ -1344,10 +1344,88 @@ async fn a_queued_operation_that_times_out_is_counted() {
         );
     }
     let stats = client.stats();
-    // 8, or 9 when a returning call started one more call, carrying the queued ones just
-    // before their deadlines passed (that call times out too, and counts as a command).
-    assert!((8..=9).contains(&stats.timeouts), "{stats:?}");
+    // One per caller: a call that took the queued ones just before their deadlines passed
+    // answers them then, and is given up without counting again.
+    assert_eq!(stats.timeouts, 8, "{stats:?}");
     assert_eq!(stats.errors, stats.timeouts);
+}
+
+/// Operations that waited in the queue keep their own deadlines once a call carries them: the
+/// call answers each caller when its deadline passes, not at the call's own deadline (one
+/// command timeout from when it was sent, later than theirs), even when Redis would answer
+/// between the two.
+#[tokio::test]
+async fn a_carried_operation_ends_at_its_own_deadline() {
+    use rediskit_testkit::proxy::FaultProxy;
+    let server = RedisServer::start();
+    let proxy = FaultProxy::for_server(&server);
+    let mut config = common::config(&proxy.url());
+    config.command_timeout = Duration::from_millis(500);
+    config.breaker_threshold = 100;
+    let client = Client::connect(config).await.unwrap();
+    client.load_scripts().await.unwrap();
+    let store = sessions(&client);
+    // Each reply takes 300 ms: the four calls sent at once (`coalesce::IN_FLIGHT`) return at
+    // ~300 ms, within their deadline; the four creations queued behind them then leave as one
+    // call, whose reply would come at ~600 ms, past the 500 ms their callers have.
+    proxy.latency(Duration::from_millis(300));
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let results = futures_util::future::join_all(
+        users.iter().map(|user| store.create(user, "d", None, None)),
+    )
+    .await;
+    for result in &results[..4] {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    for result in &results[4..] {
+        assert!(
+            result.as_ref().is_err_and(rediskit::Error::is_timeout),
+            "{result:?}"
+        );
+    }
+    assert_eq!(store.stats().coalesced_calls, 1);
+    let stats = client.stats();
+    assert_eq!((stats.timeouts, stats.errors), (4, 4), "{stats:?}");
+}
+
+/// An operation whose deadline passed while it waited in the queue is not sent: its caller has
+/// its timeout, and its session is never created.
+#[tokio::test]
+async fn an_operation_out_of_time_in_the_queue_is_not_sent() {
+    let server = RedisServer::start();
+    let mut config = common::config(&server.url());
+    config.command_timeout = Duration::from_millis(200);
+    config.breaker_threshold = 100;
+    let client = Client::connect(config).await.unwrap();
+    client.load_scripts().await.unwrap();
+    let store = sessions(&client);
+    let () = admin_cmd(&server, &["CONFIG", "RESETSTAT"]);
+    // Redis answers nothing for 600 ms: the four calls in flight (`coalesce::IN_FLIGHT`) time
+    // out at 200 ms, and the fifth creation, queued since the start, is out of time when the
+    // queue is next taken.
+    let () = admin_cmd(&server, &["CLIENT", "PAUSE", "600", "ALL"]);
+    let users = ["a", "b", "c", "d", "late"];
+    let results = futures_util::future::join_all(
+        users.iter().map(|user| store.create(user, "d", None, None)),
+    )
+    .await;
+    for result in &results {
+        assert!(
+            result.as_ref().is_err_and(rediskit::Error::is_timeout),
+            "{result:?}"
+        );
+    }
+    // The four calls sent reach Redis when the pause ends; nothing more does.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while evalsha_calls(&server) < 4 {
+        assert!(Instant::now() < deadline, "the paused calls never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(evalsha_calls(&server), 4);
+    assert_eq!(admin_cmd::<u64>(&server, &["EXISTS", "rk:s:{late}"]), 0);
+    assert_eq!(admin_cmd::<u64>(&server, &["EXISTS", "rk:s:{a}"]), 1);
+    assert_eq!(client.stats().timeouts, 5);
 }
 
 /// A caller that gives up while its operation waits for the next call is left out of it: its
