@@ -33,10 +33,10 @@
 //!   waits with one timer, at the earliest deadline of its operations; when that passes, those
 //!   callers get their timeout and the timer moves to the next. A queued caller has no timer of
 //!   its own: one per operation was 1.6 % of the client's instructions per rotation and 3.3 %
-//!   per creation (callgrind, docs/benchmarks.md, session 15). A caller
-//!   that gives up (its future dropped) or whose deadline passed before its operation was taken
-//!   is left out, as an abandoned command is by the auto-pipelining queue: its outcome was
-//!   reported unknown, and not running it is one of the outcomes.
+//!   per creation (callgrind, docs/benchmarks.md, session 15). A caller that gives up (its
+//!   future dropped) or whose deadline passed before its operation was taken is left out, as
+//!   an abandoned command is by the auto-pipelining queue: its outcome was reported unknown,
+//!   and not running it is one of the outcomes.
 //!
 //! Not coalesced: a Redis Cluster (the keys of one call must share a slot, and users' keys do
 //! not), and a client with [`Config::auto_pipeline`](crate::Config::auto_pipeline) off.
