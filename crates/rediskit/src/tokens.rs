@@ -666,29 +666,27 @@ impl Sessions {
             return Ok(false);
         }
         let idle = self.idle_secs();
-        let revoked = match self.inner.client.memory()? {
+        let (revoked, acknowledged) = match self.inner.client.memory()? {
             Some(memory) => {
-                memory.update_hash(key, |map| engine::revoke(map, session_id, idle, unix_now()))
+                let revoked = memory
+                    .update_hash(key, |map| engine::revoke(map, session_id, idle, unix_now()));
+                (revoked, None)
             }
             None => {
                 let _forget = self.forget(key);
-                self.inner
-                    .client
-                    .run("EVALSHA session_revoke", |mut c| async move {
-                        crate::scripts::SESSION_REVOKE
-                            .key(key)
-                            .arg(session_id)
-                            .arg(idle)
-                            .invoke_async::<u32>(&mut c)
-                            .await
-                            .map(|n| n > 0)
-                    })
-                    .await?
+                let call = crate::scripts::SESSION_REVOKE
+                    .key(key)
+                    .arg(session_id)
+                    .arg(idle);
+                let (revoked, acknowledged) = self
+                    .run_revocation::<u32>("EVALSHA session_revoke", call)
+                    .await?;
+                (revoked > 0, acknowledged)
             }
         };
         if revoked {
             self.inner.revoked.fetch_add(1, Ordering::Relaxed);
-            self.wait_for_replicas(key).await?;
+            self.check_acknowledged(acknowledged)?;
         }
         Ok(revoked)
     }
@@ -699,64 +697,76 @@ impl Sessions {
         let owned_key = self.user_key(user)?;
         let key = owned_key.as_str();
         let idle = self.idle_secs();
-        let count = match self.inner.client.memory()? {
-            Some(memory) => memory.update_hash(key, |map| {
-                let (live, _) = engine::sweep(map, idle, unix_now());
-                map.clear();
-                (live.len() as u64, None)
-            }),
+        let (count, acknowledged) = match self.inner.client.memory()? {
+            Some(memory) => {
+                let count = memory.update_hash(key, |map| {
+                    let (live, _) = engine::sweep(map, idle, unix_now());
+                    map.clear();
+                    (live.len() as u64, None)
+                });
+                (count, None)
+            }
             None => {
                 let _forget = self.forget(key);
-                self.inner
-                    .client
-                    .run("EVALSHA session_revoke_all", |mut c| async move {
-                        crate::scripts::SESSION_REVOKE_ALL
-                            .key(key)
-                            .arg(idle)
-                            .invoke_async::<u64>(&mut c)
-                            .await
-                    })
+                let call = crate::scripts::SESSION_REVOKE_ALL.key(key).arg(idle);
+                self.run_revocation::<u64>("EVALSHA session_revoke_all", call)
                     .await?
             }
         };
         self.inner.revoked.fetch_add(count, Ordering::Relaxed);
         if count > 0 {
-            self.wait_for_replicas(key).await?;
+            self.check_acknowledged(acknowledged)?;
         }
         Ok(count)
     }
 
-    /// `WAIT` for the replicas [`SessionsBuilder::wait_for_replicas`] asks for, on the
-    /// connection that wrote `key`: a keyed `EXISTS` routes it to the key's node on a cluster,
-    /// and `WAIT` covers every write that connection made before it.
-    async fn wait_for_replicas(&self, key: &str) -> Result<()> {
-        let Some((replicas, timeout)) = self.inner.replicas else {
+    /// Runs a revocation script; with [`SessionsBuilder::wait_for_replicas`], `WAIT` follows it
+    /// in the same write on the same connection (see `Call::invoke_then_wait`). Its reply, and
+    /// how many replicas acknowledged it (`None` when not asked to wait).
+    async fn run_revocation<T: redis::FromRedisValue + Send>(
+        &self,
+        what: &'static str,
+        call: crate::scripts::Call,
+    ) -> Result<(T, Option<u32>)> {
+        let call = &call;
+        let client = &self.inner.client;
+        match self.inner.replicas {
+            None => {
+                client
+                    .run(what, |mut c| async move {
+                        call.invoke_async::<T>(&mut c)
+                            .await
+                            .map(|reply| (reply, None))
+                    })
+                    .await
+            }
+            Some((replicas, timeout)) => {
+                let timeout_ms = timeout.as_millis().max(1) as u64;
+                client
+                    .run(what, |mut c| async move {
+                        call.invoke_then_wait::<T>(&mut c, replicas, timeout_ms)
+                            .await
+                            .map(|(reply, acknowledged)| (reply, Some(acknowledged)))
+                    })
+                    .await
+            }
+        }
+    }
+
+    /// Fails when fewer replicas acknowledged a revocation than
+    /// [`SessionsBuilder::wait_for_replicas`] asks for.
+    fn check_acknowledged(&self, acknowledged: Option<u32>) -> Result<()> {
+        let (Some((replicas, timeout)), Some(acknowledged)) = (self.inner.replicas, acknowledged)
+        else {
             return Ok(());
         };
-        if self.inner.client.memory()?.is_some() {
-            return Ok(());
-        }
-        let timeout_ms = timeout.as_millis().max(1) as u64;
-        let (_, acknowledged): (u64, u32) = self
-            .inner
-            .client
-            .run("WAIT", |mut c| async move {
-                redis::pipe()
-                    .cmd("EXISTS")
-                    .arg(key)
-                    .cmd("WAIT")
-                    .arg(replicas)
-                    .arg(timeout_ms)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
         if acknowledged < replicas {
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
                     "the revocation is in effect on the primary, but only {acknowledged} of \
-                     {replicas} replicas acknowledged it within {timeout_ms} ms; retry it"
+                     {replicas} replicas acknowledged it within {} ms; retry it",
+                    timeout.as_millis().max(1)
                 ),
             ));
         }

@@ -456,6 +456,35 @@ async fn sentinels_over_tls() {
     }
 }
 
+/// On a Cluster a revocation and its `WAIT` go to the user's node, as one pipeline: every
+/// user's revocation, whichever primary holds it, is acknowledged by that primary's replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_revocations_wait_for_their_nodes_replica() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+        .await
+        .unwrap();
+    let client = cluster_client(&cluster).await;
+    let sessions = Sessions::builder(&client, SECRET)
+        .wait_for_replicas(1, Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
+    let mut nodes = HashSet::new();
+    for user in &users {
+        nodes.insert(cluster.primary_for_key(&format!("rk:s:{{{user}}}")));
+        let issued = sessions.create(user, "d", None, None).await.unwrap();
+        sessions.create(user, "e", None, None).await.unwrap();
+        assert!(
+            sessions
+                .revoke(user, &issued.session.session_id)
+                .await
+                .unwrap()
+        );
+        assert_eq!(sessions.revoke_all(user).await.unwrap(), 1);
+    }
+    assert_eq!(nodes.len(), 3, "the users' keys are on every primary");
+}
+
 /// With `wait_for_replicas`, a revocation returns once a replica has it; with the replica
 /// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,7 +530,34 @@ async fn revocations_can_wait_for_a_replica() {
         "the replica had the revocation when revoke returned"
     );
 
+    let more: Vec<_> = futures_util::future::join_all(
+        ["d0", "d1", "d2"].map(|device| sessions.create("bob", device, None, None)),
+    )
+    .await;
+    // Every write so far acknowledged: one more, and a `WAIT` for it, on another connection.
+    let mut admin = primary.admin();
+    let () = redis::cmd("SET")
+        .arg("marker")
+        .arg(1)
+        .query(&mut admin)
+        .unwrap();
+    let acknowledged: u32 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(acknowledged, 1);
+
     replica.signal("STOP");
+    // Each revocation's `WAIT` must count its own write: on any other connection of the pool
+    // it would vouch for that connection's older writes, all acknowledged, and succeed.
+    for issued in &more {
+        let err = sessions
+            .revoke("bob", &issued.as_ref().unwrap().session.session_id)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    }
     let err = sessions.revoke_all("alice").await.unwrap_err();
     replica.signal("CONT");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");

@@ -117,6 +117,48 @@ impl Call {
             result => result,
         }
     }
+
+    /// Runs it, then `WAIT replicas timeout_ms`, in one pipeline: one write on one connection.
+    /// `WAIT` counts the replicas that have every write made *on its own connection*, so the
+    /// script's writes must be made on that one (a pool deals consecutive calls to different
+    /// connections, and there `WAIT` would vouch for another connection's older writes). Returns
+    /// the script's reply and how many replicas acknowledged.
+    ///
+    /// The pipeline starts with `SCRIPT LOAD`, so it never meets `NOSCRIPT`: retrying after one
+    /// would run a second `WAIT`, and the first, with nothing of its own to wait for, could
+    /// still wait out its whole timeout for the connection's older writes. The load costs a few
+    /// KiB and a SHA-1 per call, on a path (a logout that waits for replicas) that waits for a
+    /// replica's round trip anyway.
+    pub(crate) async fn invoke_then_wait<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        replicas: u32,
+        timeout_ms: u64,
+    ) -> redis::RedisResult<(T, u32)> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(self.script.code);
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout_ms);
+        let mut pipeline = redis::pipe();
+        pipeline
+            .add_command(load)
+            .add_command(self.cmd.clone())
+            .add_command(wait);
+        let mut replies = conn.req_packed_commands(&pipeline, 0, 3).await?.into_iter();
+        let (Some(loaded), Some(reply), Some(acknowledged)) =
+            (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no reply to SCRIPT LOAD, EVALSHA and WAIT",
+            )));
+        };
+        // A refused load (an ACL without `script|load`) is what went wrong, not what follows.
+        error_reply(loaded)?;
+        let reply = redis::from_redis_value(error_reply(reply)?)?;
+        let acknowledged = redis::from_redis_value(error_reply(acknowledged)?)?;
+        Ok((reply, acknowledged))
+    }
 }
 
 /// A reply that is an error reply, as an error.
