@@ -356,6 +356,11 @@ struct Pool {
     /// Tells pools apart (a new pool after a Sentinel failover gets a new id; ids are not reused).
     id: u64,
     connections: Box<[Slot]>,
+    /// A connection of its own for commands that block their connection until they answer
+    /// (`WAIT`): Redis runs nothing else of a blocked client's until then, so on a shared
+    /// connection every other caller's commands would wait too ([`Client::run_blocking`]).
+    /// Connects on first use.
+    blocking: Slot,
     /// How many of `connections` share the traffic first ([`spread_for`]).
     spread: usize,
     /// The server this pool talks to, for Sentinel (to notice that the primary moved).
@@ -676,7 +681,7 @@ impl Client {
     /// `PING` on one pooled connection (on a cluster: on every primary through it).
     async fn ping_one(&self, pool: &Pool, index: usize) -> Result<Duration> {
         let started = Instant::now();
-        self.run_on(pool, index, false, "PING", |c| async move {
+        self.run_on(&pool.connections[index], false, "PING", |c| async move {
             match c {
                 // Every primary must answer; a replica that is down is not an outage.
                 Conn::Cluster(mut c) => {
@@ -705,6 +710,26 @@ impl Client {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.run_in(false, what, call).await
+    }
+
+    /// As [`run`](Self::run), for a call that blocks its connection until Redis answers it
+    /// (`WAIT`), on a connection of its own: on a shared one, Redis would hold every other
+    /// caller's commands behind it (with a replica down, for the `WAIT`'s whole timeout).
+    /// Such calls wait for each other instead.
+    pub(crate) async fn run_blocking<T, F, Fut>(&self, what: &'static str, call: F) -> Result<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_in(true, what, call).await
+    }
+
+    async fn run_in<T, F, Fut>(&self, blocking: bool, what: &'static str, call: F) -> Result<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let pool = self.pool().await?;
         let admission = self.inner.breaker.admit().map_err(|left| {
             Error::new(
@@ -722,10 +747,17 @@ impl Client {
             .ok()
             .filter(|&index| index < pool.connections.len());
         let result = match pinned {
+            _ if blocking => self.run_on(&pool.blocking, true, what, call).await,
             // Sent as the scope sends them, not queued into batches that may leave in either
             // order.
-            Some(index) => self.run_on(&pool, index, true, what, call).await,
-            None => self.run_on(&pool, pool.pick(), false, what, call).await,
+            Some(index) => {
+                self.run_on(&pool.connections[index], true, what, call)
+                    .await
+            }
+            None => {
+                self.run_on(&pool.connections[pool.pick()], false, what, call)
+                    .await
+            }
         };
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
         // reads still work.
@@ -896,12 +928,11 @@ impl Client {
         );
     }
 
-    /// Runs `call` on connection `index` of `pool` (`ordered`: bypassing its auto-pipelining
-    /// queue), under the command deadline, counting it.
+    /// Runs `call` on `slot`'s connection (`ordered`: bypassing its auto-pipelining queue),
+    /// under the command deadline, counting it.
     async fn run_on<T, F, Fut>(
         &self,
-        pool: &Pool,
-        index: usize,
+        slot: &Slot,
         ordered: bool,
         what: &'static str,
         call: F,
@@ -915,7 +946,6 @@ impl Client {
         }
         self.ensure_health_loop();
         let inner = &*self.inner;
-        let slot = &pool.connections[index];
         slot.in_flight.fetch_add(1, Ordering::Relaxed);
         inner.in_flight.fetch_add(1, Ordering::AcqRel);
         let _guard = InFlight {
@@ -1501,10 +1531,18 @@ impl Pool {
                     .map_err(Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
+        let blocking = Slot {
+            connection: Conn::Direct(
+                ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(Error::from)?,
+            ),
+            in_flight: Arc::default(),
+        };
         Ok(Self {
             id: next_pool_id(),
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
+            blocking,
             address,
         })
     }
@@ -1553,10 +1591,17 @@ impl Pool {
                 in_flight: Arc::default(),
             })
             .collect::<Vec<_>>();
+        let blocking = Slot {
+            connection: Conn::Cluster(
+                client.get_pending_async_connection_with_config(cluster_config),
+            ),
+            in_flight: Arc::default(),
+        };
         Ok(Self {
             id: next_pool_id(),
             spread: spread_for(connections.len()),
             connections: connections.into_boxed_slice(),
+            blocking,
             address: None,
         })
     }

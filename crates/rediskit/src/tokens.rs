@@ -721,8 +721,9 @@ impl Sessions {
     }
 
     /// Runs a revocation script; with [`SessionsBuilder::wait_for_replicas`], `WAIT` follows it
-    /// in the same write on the same connection (see `Call::invoke_then_wait`). Its reply, and
-    /// how many replicas acknowledged it (`None` when not asked to wait).
+    /// in the same write on the same connection (see `Call::invoke_then_wait`), one that no
+    /// other traffic shares (`Client::run_blocking`). Its reply, and how many replicas
+    /// acknowledged it (`None` when not asked to wait).
     async fn run_revocation<T: redis::FromRedisValue + Send>(
         &self,
         what: &'static str,
@@ -742,8 +743,9 @@ impl Sessions {
             }
             Some((replicas, timeout)) => {
                 let timeout_ms = timeout.as_millis().max(1) as u64;
+                // On a connection of its own: `WAIT` holds its connection's other commands.
                 client
-                    .run(what, |mut c| async move {
+                    .run_blocking(what, |mut c| async move {
                         call.invoke_then_wait::<T>(&mut c, replicas, timeout_ms)
                             .await
                             .map(|(reply, acknowledged)| (reply, Some(acknowledged)))

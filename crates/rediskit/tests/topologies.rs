@@ -456,6 +456,48 @@ async fn sentinels_over_tls() {
     }
 }
 
+/// A revocation waiting for a replica that does not answer holds no other caller: its `WAIT`
+/// blocks its connection until the timeout, and runs on a connection of its own. Reads started
+/// while it waits all finish before it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_revocation_holds_no_other_call() {
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let mut config = common::config(&primary.url());
+    config.command_timeout = Duration::from_secs(3);
+    let client = Client::connect(config).await.unwrap();
+    let sessions = Sessions::builder(&client, SECRET)
+        .wait_for_replicas(1, Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let cache = Cache::new(&client);
+    cache.set_with_ttl("k", &1u32, ttl::MEDIUM).await.unwrap();
+    let issued = sessions.create("alice", "a", None, None).await.unwrap();
+
+    replica.signal("STOP");
+    let revoke = sessions.revoke("alice", &issued.session.session_id);
+    let reads = async {
+        // Let the revocation reach Redis and block first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Enough reads to use every connection the pool deals calls to.
+        for _ in 0..20 {
+            assert_eq!(cache.try_get::<u32>("k").await.unwrap(), Some(1));
+        }
+    };
+    tokio::pin!(revoke);
+    let revoked_first = tokio::select! {
+        biased;
+        () = reads => false,
+        _ = &mut revoke => true,
+    };
+    let outcome = revoke.await;
+    replica.signal("CONT");
+    assert!(!revoked_first, "the reads waited for the revocation's WAIT");
+    let err = outcome.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+}
+
 /// On a Cluster a revocation and its `WAIT` go to the user's node, as one pipeline: every
 /// user's revocation, whichever primary holds it, is acknowledged by that primary's replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
