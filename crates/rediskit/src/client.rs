@@ -67,9 +67,9 @@ pub struct ClientStats {
     /// Commands that failed, timeouts included; and session operations that failed waiting for
     /// a coalesced script call (see `timeouts`).
     pub errors: u64,
-    /// Commands that passed their deadline; and session creations and rotations that passed
-    /// theirs waiting for a coalesced script call, queued or carried by one that had not answered
-    /// (such a call, when it passes its own deadline, counts once more, as a command).
+    /// Commands that passed their deadline; and session operations (and rate-limit decisions)
+    /// that passed theirs waiting for a coalesced script call, queued or carried by one that had
+    /// not answered by then (each caller once; such a call is then given up, not counted again).
     pub timeouts: u64,
     /// Commands in flight now.
     pub in_flight: usize,

@@ -1,6 +1,6 @@
 //! Coalescing of the scripts that do one operation per key (`each.lua`): concurrent session
-//! creations (or rotations, or one rate limiter's decisions) leave as one `EVALSHA` that does
-//! each caller's operation in turn.
+//! creations (or rotations, revocations, or one rate limiter's decisions) leave as one
+//! `EVALSHA` that does each caller's operation in turn.
 //!
 //! Under load these scripts are bound by redis-server, not by the client: each `EVALSHA` costs
 //! it a fixed part (the call itself, setting up `KEYS` and `ARGV`, `TIME`, the reply), about
@@ -154,6 +154,16 @@ impl Coalescer {
             batches: AtomicU64::new(0),
             operations: AtomicU64::new(0),
         })
+    }
+
+    /// The script its calls run.
+    pub(crate) fn script(&self) -> &'static Script {
+        self.script
+    }
+
+    /// The command's name in errors and logs, e.g. `EVALSHA session_rotate`.
+    pub(crate) fn what(&self) -> &'static str {
+        self.what
     }
 
     pub(crate) fn stats(&self) -> Coalesced {

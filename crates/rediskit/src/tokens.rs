@@ -141,12 +141,13 @@ pub struct SessionStats {
     /// The near-cache of [`Sessions::session`] (all zero unless built with
     /// [`SessionsBuilder::near_cache`]).
     pub near: NearStats,
-    /// Script calls that carried several creations or rotations at once: concurrent callers'
-    /// operations are coalesced into one `EVALSHA` when calls of their kind are already in
-    /// flight (not on a Cluster, nor with
-    /// [`Config::auto_pipeline`](crate::Config::auto_pipeline) off).
+    /// Script calls that carried several creations, rotations or revocations at once:
+    /// concurrent callers' operations are coalesced into one `EVALSHA` when calls of their kind
+    /// are already in flight (not on a Cluster, nor with
+    /// [`Config::auto_pipeline`](crate::Config::auto_pipeline) off, nor for revocations that
+    /// wait for replicas).
     pub coalesced_calls: u64,
-    /// The creations and rotations those calls carried.
+    /// The operations those calls carried.
     pub coalesced_operations: u64,
 }
 
@@ -160,9 +161,10 @@ pub struct SessionStats {
 ///   `revoke_all` racing `create`s and `rotate`s leaves no session that existed before it
 ///   returned; 100 concurrent rotations of one token produce exactly one new token (grace 0).
 /// - **Coalesced under load.** When calls of their kind are already in flight, concurrent
-///   `create`s (or `rotate`s) of different users leave as one script call that runs each in
-///   turn and answers each caller alone ([`SessionStats::coalesced_calls`]): the same results
-///   as one call each, for about a third less of redis-server's work per operation.
+///   `create`s (or `rotate`s, `revoke`s, `revoke_all`s) of different users leave as one script
+///   call that runs each in turn and answers each caller alone
+///   ([`SessionStats::coalesced_calls`]): the same results as one call each, for about a third
+///   less of redis-server's work per operation.
 /// - **No secret at rest.** Redis holds a keyed hash of each token's random part, nothing that
 ///   lets one rebuild a token.
 /// - **Near-cache, if asked for.** Built with [`SessionsBuilder::near_cache`], the answers of
@@ -189,9 +191,12 @@ struct Inner {
     revoked: AtomicU64,
     reuse_detected: AtomicU64,
     near: Option<Arc<NearStore>>,
-    /// `session_create` and `session_rotate` calls, coalesced under load.
+    /// `session_create`, `session_rotate`, `session_revoke` and `session_revoke_all` calls,
+    /// coalesced under load (revocations only when they need not wait for replicas).
     creates: Arc<Coalescer>,
     rotations: Arc<Coalescer>,
+    revocations: Arc<Coalescer>,
+    revocations_all: Arc<Coalescer>,
 }
 
 impl fmt::Debug for Sessions {
@@ -314,6 +319,16 @@ impl SessionsBuilder {
             &crate::scripts::SESSION_ROTATE,
             "EVALSHA session_rotate",
         );
+        let revocations = Coalescer::new(
+            self.client.clone(),
+            &crate::scripts::SESSION_REVOKE,
+            "EVALSHA session_revoke",
+        );
+        let revocations_all = Coalescer::new(
+            self.client.clone(),
+            &crate::scripts::SESSION_REVOKE_ALL,
+            "EVALSHA session_revoke_all",
+        );
         Ok(Sessions {
             inner: Arc::new(Inner {
                 keys: TokenKeys::derive(self.secret.expose().as_bytes()),
@@ -330,6 +345,8 @@ impl SessionsBuilder {
                 near,
                 creates,
                 rotations,
+                revocations,
+                revocations_all,
             }),
         })
     }
@@ -374,15 +391,16 @@ impl Sessions {
     /// Counters since this store was built.
     pub fn stats(&self) -> SessionStats {
         let i = &self.inner;
-        let (creates, rotations) = (i.creates.stats(), i.rotations.stats());
+        let coalescers = [&i.creates, &i.rotations, &i.revocations, &i.revocations_all];
+        let stats = coalescers.map(|coalescer| coalescer.stats());
         SessionStats {
             created: i.created.load(Ordering::Relaxed),
             rotated: i.rotated.load(Ordering::Relaxed),
             revoked: i.revoked.load(Ordering::Relaxed),
             reuse_detected: i.reuse_detected.load(Ordering::Relaxed),
             near: near::stats_of(i.near.as_ref()),
-            coalesced_calls: creates.batches + rotations.batches,
-            coalesced_operations: creates.operations + rotations.operations,
+            coalesced_calls: stats.iter().map(|s| s.batches).sum(),
+            coalesced_operations: stats.iter().map(|s| s.operations).sum(),
         }
     }
 
@@ -674,12 +692,9 @@ impl Sessions {
             }
             None => {
                 let _forget = self.forget(key);
-                let call = crate::scripts::SESSION_REVOKE
-                    .key(key)
-                    .arg(session_id)
-                    .arg(idle);
+                let idle = idle.to_string();
                 let (revoked, acknowledged) = self
-                    .run_revocation::<u32>("EVALSHA session_revoke", call)
+                    .run_revocation::<u32>(&self.inner.revocations, key, session_id, &idle)
                     .await?;
                 (revoked > 0, acknowledged)
             }
@@ -708,8 +723,8 @@ impl Sessions {
             }
             None => {
                 let _forget = self.forget(key);
-                let call = crate::scripts::SESSION_REVOKE_ALL.key(key).arg(idle);
-                self.run_revocation::<u64>("EVALSHA session_revoke_all", call)
+                let idle = idle.to_string();
+                self.run_revocation::<u64>(&self.inner.revocations_all, key, &idle, "")
                     .await?
             }
         };
@@ -720,28 +735,32 @@ impl Sessions {
         Ok(count)
     }
 
-    /// Runs a revocation script; with [`SessionsBuilder::wait_for_replicas`], `WAIT` follows it
-    /// in the same write on the same connection (see `Call::invoke_then_wait`), one that no
-    /// other traffic shares (`Client::run_blocking`). Its reply, and how many replicas
-    /// acknowledged it (`None` when not asked to wait).
+    /// Runs a revocation script on `key` with its two arguments: through `coalescer`, or with
+    /// [`SessionsBuilder::wait_for_replicas`] alone and with `WAIT` after it in the same write
+    /// on the same connection (see `Call::invoke_then_wait`), one that no other traffic shares
+    /// (`Client::run_blocking`). Its reply, and how many replicas acknowledged it (`None` when
+    /// not asked to wait).
     async fn run_revocation<T: redis::FromRedisValue + Send>(
         &self,
-        what: &'static str,
-        call: crate::scripts::Call,
+        coalescer: &Arc<Coalescer>,
+        key: &str,
+        first: &str,
+        second: &str,
     ) -> Result<(T, Option<u32>)> {
-        let call = &call;
-        let client = &self.inner.client;
+        let what = coalescer.what();
         match self.inner.replicas {
             None => {
-                client
-                    .run(what, |mut c| async move {
-                        call.invoke_async::<T>(&mut c)
-                            .await
-                            .map(|reply| (reply, None))
-                    })
-                    .await
+                let value = coalescer
+                    .run(key.to_owned(), first, second.as_bytes().to_vec())
+                    .await?;
+                let reply = redis::from_redis_value(value).map_err(|_| {
+                    Error::new(ErrorKind::Backend, format!("unexpected reply from {what}"))
+                })?;
+                Ok((reply, None))
             }
             Some((replicas, timeout)) => {
+                let call = &coalescer.script().key(key).arg(first).arg(second);
+                let client = &self.inner.client;
                 let timeout_ms = timeout.as_millis().max(1) as u64;
                 // On a connection of its own: `WAIT` holds its connection's other commands.
                 client

@@ -1176,6 +1176,62 @@ async fn concurrent_scripts_are_coalesced() {
     );
 }
 
+/// Concurrent revocations of different users leave as coalesced calls too, each answering for
+/// itself: a live session is revoked (`true`), an unknown one is not (`false`), and
+/// `revoke_all` counts each user's own live sessions. A user whose key holds a string fails
+/// alone.
+#[tokio::test]
+async fn concurrent_revocations_are_coalesced() {
+    let (backend, store) = coalescing_store().await;
+    let server = backend.server.as_ref().unwrap();
+    let users: Vec<String> = (0..16).map(|i| format!("u{i}")).collect();
+    let mut first = Vec::new();
+    for user in &users {
+        first.push(store.create(user, "a", None, None).await.unwrap());
+        store.create(user, "b", None, None).await.unwrap();
+        store.create(user, "c", None, None).await.unwrap();
+    }
+    let () = admin_cmd(server, &["SET", "rk:s:{bad}", "not a hash"]);
+    let () = admin_cmd(server, &["CONFIG", "RESETSTAT"]);
+    let coalesced_before = store.stats().coalesced_calls;
+
+    let revoked = futures_util::future::join_all(
+        users
+            .iter()
+            .zip(&first)
+            .map(|(user, issued)| store.revoke(user, &issued.session.session_id)),
+    )
+    .await;
+    assert!(revoked.iter().all(|r| matches!(r, Ok(true))), "{revoked:?}");
+    // Unknown ids, and the string key among them.
+    let unknown = futures_util::future::join_all(
+        users
+            .iter()
+            .chain(std::iter::once(&"bad".to_owned()))
+            .map(|user| store.revoke(user, "AAAAAAAAAAAAAAAA")),
+    )
+    .await;
+    for (i, result) in unknown.iter().enumerate() {
+        match result {
+            Err(err) if i == users.len() => assert!(err.message().contains("WRONGTYPE"), "{err}"),
+            result => assert!(matches!(result, Ok(false)), "{result:?}"),
+        }
+    }
+    let counts =
+        futures_util::future::join_all(users.iter().map(|user| store.revoke_all(user))).await;
+    assert!(counts.iter().all(|r| matches!(r, Ok(2))), "{counts:?}");
+
+    let calls = evalsha_calls(server);
+    assert!(calls < 49, "49 revocations took {calls} EVALSHAs");
+    assert!(store.stats().coalesced_calls >= coalesced_before + 3);
+    for user in &users {
+        let key = format!("rk:s:{{{user}}}");
+        assert_eq!(admin_cmd::<u64>(server, &["EXISTS", &key]), 0);
+    }
+    let value: String = admin_cmd(server, &["GET", "rk:s:{bad}"]);
+    assert_eq!(value, "not a hash");
+}
+
 /// The creations of one coalesced call may each set a different expiry: every user's key ends
 /// with its own sessions, for a new key and for one that is extended, whatever the others wrote.
 #[tokio::test]

@@ -1,5 +1,9 @@
--- Revoke every session of a user (ARGV[1] = idle secs). Returns how many were live.
-local key, idle = KEYS[1], tonumber(ARGV[1])
-local live = scan(key, idle)
-call('DEL', key)
-return #live
+-- Revoke every session of users: one user per key (see `each`). For each, the idle secs as
+-- decimal text (and an empty second argument). A revocation answers how many were live.
+local function revoke_all(key, idle)
+  local live = scan(key, tonumber(idle))
+  call('DEL', key)
+  return #live
+end
+
+return each(revoke_all)
