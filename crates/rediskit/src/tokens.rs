@@ -258,7 +258,9 @@ impl SessionsBuilder {
     /// on the primary, but a failover now could lose it, so the caller should retry it (it is
     /// idempotent). Redis replicates asynchronously; without this, a primary that dies just after
     /// a logout may be replaced by a replica that never saw it. `timeout` must be shorter than the
-    /// client's command timeout. Default: off.
+    /// client's command timeout. The revocation and its `WAIT` go as one pipeline on a
+    /// connection of their own (opened on first use): `WAIT` counts only its own connection's
+    /// writes, and holds that connection's other commands until it answers. Default: off.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replicas = Some((replicas, timeout));
         self
