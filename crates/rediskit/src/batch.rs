@@ -332,21 +332,41 @@ async fn answer_within_deadlines<F: std::future::Future>(
     replies: F,
     waiters: &mut [Waiting],
 ) -> Option<F::Output> {
-    let mut replies = std::pin::pin!(replies);
-    loop {
-        let until = waiters
-            .iter()
-            .filter(|w| !matches!(w.waiter, Waiter::Passed(_)))
-            .map(|w| w.until)
-            .min()?;
-        if let Ok(replies) = tokio::time::timeout_at(until, replies.as_mut()).await {
-            return Some(replies);
-        }
-        let now = Instant::now();
-        // A caller whose deadline passed keeps its place, so that the replies still line up.
-        for w in waiters.iter_mut().filter(|w| w.until <= now) {
+    within_deadlines(
+        replies,
+        waiters,
+        |w| (!matches!(w.waiter, Waiter::Passed(_))).then_some(w.until),
+        |w| {
+            // A caller whose deadline passed keeps its place, so that the replies still line up.
             let passed = Waiter::Passed(w.waiter.commands());
             std::mem::replace(&mut w.waiter, passed).fail(deadline_passed());
+        },
+    )
+    .await
+}
+
+/// Waits for `reply` until the earliest deadline among `waiters` (`deadline` gives each one's,
+/// `None` once it was answered), calls `pass` on each whose deadline passed (which answers it),
+/// and waits again until the next; `None` once none is left waiting. One timer at a time for
+/// all of them: the auto-pipelining queue's batches and the coalesced script calls
+/// (`coalesce.rs`) keep their callers' deadlines with it.
+pub(crate) async fn within_deadlines<F: std::future::Future, W>(
+    reply: F,
+    waiters: &mut [W],
+    deadline: impl Fn(&W) -> Option<Instant>,
+    mut pass: impl FnMut(&mut W),
+) -> Option<F::Output> {
+    let mut reply = std::pin::pin!(reply);
+    loop {
+        let until = waiters.iter().filter_map(&deadline).min()?;
+        if let Ok(reply) = tokio::time::timeout_at(until, reply.as_mut()).await {
+            return Some(reply);
+        }
+        let now = Instant::now();
+        for waiter in waiters.iter_mut() {
+            if deadline(waiter).is_some_and(|until| until <= now) {
+                pass(waiter);
+            }
         }
     }
 }

@@ -373,23 +373,17 @@ impl Coalescer {
         call: impl std::future::Future<Output = T>,
         waiters: &mut [Waiter],
     ) -> Option<T> {
-        let mut call = std::pin::pin!(call);
-        loop {
-            let until = waiters
-                .iter()
-                .filter(|w| w.reply.is_some())
-                .map(|w| w.until)
-                .min()?;
-            if let Ok(result) = tokio::time::timeout_at(until, call.as_mut()).await {
-                return Some(result);
-            }
-            let now = Instant::now();
-            for waiter in waiters.iter_mut().filter(|w| w.until <= now) {
-                if let Some(reply) = waiter.reply.take() {
+        crate::batch::within_deadlines(
+            call,
+            waiters,
+            |w| w.reply.is_some().then_some(w.until),
+            |w| {
+                if let Some(reply) = w.reply.take() {
                     self.time_out(reply);
                 }
-            }
-        }
+            },
+        )
+        .await
     }
 
     /// Answers a caller whose deadline passed with its timeout, counted as the call's own

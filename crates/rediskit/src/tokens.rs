@@ -311,23 +311,11 @@ impl SessionsBuilder {
         let near = self
             .near
             .and_then(|config| near::store_for(&self.client, prefix, config));
-        let creates = Coalescer::new(
-            self.client.clone(),
-            &crate::scripts::SESSION_CREATE,
-            "EVALSHA session_create",
-        );
-        let rotations = Coalescer::new(
-            self.client.clone(),
-            &crate::scripts::SESSION_ROTATE,
-            "EVALSHA session_rotate",
-        );
-        let revocations = Coalescer::new(
-            self.client.clone(),
-            &crate::scripts::SESSION_REVOKE,
-            "EVALSHA session_revoke",
-        );
-        let revocations_all = Coalescer::new(
-            self.client.clone(),
+        let coalescer = |script, what| Coalescer::new(self.client.clone(), script, what);
+        let creates = coalescer(&crate::scripts::SESSION_CREATE, "EVALSHA session_create");
+        let rotations = coalescer(&crate::scripts::SESSION_ROTATE, "EVALSHA session_rotate");
+        let revocations = coalescer(&crate::scripts::SESSION_REVOKE, "EVALSHA session_revoke");
+        let revocations_all = coalescer(
             &crate::scripts::SESSION_REVOKE_ALL,
             "EVALSHA session_revoke_all",
         );

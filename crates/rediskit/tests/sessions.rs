@@ -1148,6 +1148,28 @@ async fn coalescing_store() -> (common::Backend, Sessions) {
     (backend, store)
 }
 
+/// A client of `url` whose commands time out after `timeout`, with its scripts loaded and its
+/// breaker never opening (a call failed fast would answer its operations with another error
+/// than their timeout), and a store on it.
+async fn store_timing_out_after(url: &str, timeout: Duration) -> (Client, Sessions) {
+    let mut config = common::config(url);
+    config.command_timeout = timeout;
+    config.breaker_threshold = 100;
+    let client = Client::connect(config).await.unwrap();
+    client.load_scripts().await.unwrap();
+    let store = sessions(&client);
+    (client, store)
+}
+
+fn assert_all_timed_out<T: std::fmt::Debug>(results: &[rediskit::Result<T>]) {
+    for result in results {
+        assert!(
+            result.as_ref().is_err_and(rediskit::Error::is_timeout),
+            "{result:?}"
+        );
+    }
+}
+
 /// Creations and rotations started together leave as few script calls: on one thread, 64
 /// callers at once are 4 calls sent at once (`coalesce::IN_FLIGHT`) and 2 coalesced ones (32
 /// and 28 operations), where each caller alone was one call.
@@ -1378,13 +1400,7 @@ async fn a_refused_write_fails_every_coalesced_operation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_operation_that_times_out_is_counted() {
     let server = RedisServer::start();
-    let mut config = common::config(&server.url());
-    config.command_timeout = Duration::from_millis(200);
-    // Never open here: a call failed fast would answer its operations with another error.
-    config.breaker_threshold = 100;
-    let client = Client::connect(config).await.unwrap();
-    client.load_scripts().await.unwrap();
-    let store = sessions(&client);
+    let (client, store) = store_timing_out_after(&server.url(), Duration::from_millis(200)).await;
     // The server answers nothing for a second: the 4 calls in flight (`coalesce::IN_FLIGHT`)
     // time out as commands, the 4 creations queued behind them while waiting.
     let () = admin_cmd(&server, &["CLIENT", "PAUSE", "1000", "ALL"]);
@@ -1393,12 +1409,7 @@ async fn a_queued_operation_that_times_out_is_counted() {
         users.iter().map(|user| store.create(user, "d", None, None)),
     )
     .await;
-    for result in &results {
-        assert!(
-            result.as_ref().is_err_and(rediskit::Error::is_timeout),
-            "{result:?}"
-        );
-    }
+    assert_all_timed_out(&results);
     let stats = client.stats();
     // One per caller: a call that took the queued ones just before their deadlines passed
     // answers them then, and is given up without counting again.
@@ -1415,12 +1426,7 @@ async fn a_carried_operation_ends_at_its_own_deadline() {
     use rediskit_testkit::proxy::FaultProxy;
     let server = RedisServer::start();
     let proxy = FaultProxy::for_server(&server);
-    let mut config = common::config(&proxy.url());
-    config.command_timeout = Duration::from_millis(500);
-    config.breaker_threshold = 100;
-    let client = Client::connect(config).await.unwrap();
-    client.load_scripts().await.unwrap();
-    let store = sessions(&client);
+    let (client, store) = store_timing_out_after(&proxy.url(), Duration::from_millis(500)).await;
     // Each reply takes 300 ms: the four calls sent at once (`coalesce::IN_FLIGHT`) return at
     // ~300 ms, within their deadline; the four creations queued behind them then leave as one
     // call, whose reply would come at ~600 ms, past the 500 ms their callers have.
@@ -1433,12 +1439,7 @@ async fn a_carried_operation_ends_at_its_own_deadline() {
     for result in &results[..4] {
         assert!(result.is_ok(), "{result:?}");
     }
-    for result in &results[4..] {
-        assert!(
-            result.as_ref().is_err_and(rediskit::Error::is_timeout),
-            "{result:?}"
-        );
-    }
+    assert_all_timed_out(&results[4..]);
     assert_eq!(store.stats().coalesced_calls, 1);
     let stats = client.stats();
     assert_eq!((stats.timeouts, stats.errors), (4, 4), "{stats:?}");
@@ -1449,12 +1450,7 @@ async fn a_carried_operation_ends_at_its_own_deadline() {
 #[tokio::test]
 async fn an_operation_out_of_time_in_the_queue_is_not_sent() {
     let server = RedisServer::start();
-    let mut config = common::config(&server.url());
-    config.command_timeout = Duration::from_millis(200);
-    config.breaker_threshold = 100;
-    let client = Client::connect(config).await.unwrap();
-    client.load_scripts().await.unwrap();
-    let store = sessions(&client);
+    let (client, store) = store_timing_out_after(&server.url(), Duration::from_millis(200)).await;
     let () = admin_cmd(&server, &["CONFIG", "RESETSTAT"]);
     // Redis answers nothing for 600 ms: the four calls in flight (`coalesce::IN_FLIGHT`) time
     // out at 200 ms, and the fifth creation, queued since the start, is out of time when the
@@ -1465,12 +1461,7 @@ async fn an_operation_out_of_time_in_the_queue_is_not_sent() {
         users.iter().map(|user| store.create(user, "d", None, None)),
     )
     .await;
-    for result in &results {
-        assert!(
-            result.as_ref().is_err_and(rediskit::Error::is_timeout),
-            "{result:?}"
-        );
-    }
+    assert_all_timed_out(&results);
     // The four calls sent reach Redis when the pause ends; nothing more does.
     let deadline = Instant::now() + Duration::from_secs(5);
     while evalsha_calls(&server) < 4 {
