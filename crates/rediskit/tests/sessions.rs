@@ -1505,3 +1505,131 @@ async fn an_abandoned_operation_is_not_sent() {
     assert_eq!(evalsha_calls(server), 4);
     assert_eq!(store.stats().coalesced_calls, 0);
 }
+
+/// A record as the scripts store it (docs/keys.md): generation 0, a zero hash, created, last
+/// used and rotated at `created`, ending at `expires`, on device "old".
+fn planted_record(created: u32, expires: u32) -> Vec<u8> {
+    let mut record = vec![0u8; 4 + 16];
+    for time in [created, created, expires, created] {
+        record.extend_from_slice(&time.to_be_bytes());
+    }
+    record.push(3);
+    record.extend_from_slice(b"old");
+    record
+}
+
+fn unix_now() -> u32 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u32::try_from(now.unwrap().as_secs()).unwrap()
+}
+
+/// Writes `records` (id, record) into `key` in one `HSET`, and gives the key an hour to live.
+fn plant(server: &RedisServer, key: &str, records: impl IntoIterator<Item = (String, Vec<u8>)>) {
+    let mut admin = server.admin();
+    let mut hset = redis::cmd("HSET");
+    hset.arg(key);
+    for (id, record) in records {
+        hset.arg(id).arg(record);
+    }
+    let _: u64 = hset.query(&mut admin).unwrap();
+    let _: u64 = redis::cmd("EXPIRE")
+        .arg(key)
+        .arg(3600)
+        .query(&mut admin)
+        .unwrap();
+}
+
+/// A sweep deletes any number of ended records: 8,000 (more than Lua's `unpack` takes at once),
+/// under a cap of 10,000, at a creation and at a revocation; each answers as it should.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_of_thousands_of_ended_sessions_succeeds() {
+    // Arrange
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let store = Sessions::builder(&backend.client, SECRET)
+        .max_sessions(10_000)
+        .build()
+        .unwrap();
+    let now = unix_now();
+    let ended = || {
+        (0..8_000).map(|i| {
+            (
+                format!("ended{i:011}"),
+                planted_record(now - 3600, now - 60),
+            )
+        })
+    };
+    plant(server, "rk:s:{bot}", ended());
+
+    // Act: 8,000 records, a multiple of 8: this creation sweeps them all.
+    let live = store.create("bot", "live", None, None).await.unwrap();
+
+    // Assert
+    assert_eq!(admin_cmd::<u64>(server, &["HLEN", "rk:s:{bot}"]), 1);
+
+    // And a revocation, which sweeps too.
+    plant(server, "rk:s:{bot}", ended());
+    let revoked = store.revoke("bot", &live.session.session_id).await;
+    assert!(revoked.unwrap(), "the live session was revoked");
+    assert_eq!(admin_cmd::<u64>(server, &["EXISTS", "rk:s:{bot}"]), 0);
+}
+
+/// Among sessions created in the same second, the cap evicts the first id in byte order — the
+/// order the listing and the embedded backend use — even on a redis-server whose locale collates
+/// otherwise (en_US puts `B` after `a`; Lua compares strings with the C library's `strcoll`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ties_are_evicted_in_byte_order_whatever_the_servers_locale() {
+    // Arrange: a redis-server collating as en_US.UTF-8, a locale built for it here.
+    let locales = tempfile::tempdir().unwrap();
+    let built = std::process::Command::new("localedef")
+        .args(["-i", "en_US", "-f", "UTF-8"])
+        .arg(locales.path().join("en_US.UTF-8"))
+        .status();
+    assert!(
+        built.as_ref().is_ok_and(|status| status.success()),
+        "localedef could not build en_US.UTF-8 ({built:?}); it comes with Debian's libc-bin, \
+         and the locale sources with `locales` (`.ci/run` installs it)"
+    );
+    let locpath = locales.path().to_str().unwrap();
+    let server =
+        RedisServer::start_with_env(&[("LOCPATH", locpath), ("LC_ALL", "en_US.UTF-8")], &[]);
+    let byte_order: i64 = admin_cmd(&server, &["EVAL", "return 'Ba' < 'ab' and 1 or 0", "0"]);
+    assert_eq!(
+        byte_order, 0,
+        "the server should collate as en_US, not by bytes"
+    );
+    let client = Client::connect(common::config(&server.url()))
+        .await
+        .unwrap();
+    let store = Sessions::builder(&client, SECRET)
+        .max_sessions(2)
+        .build()
+        .unwrap();
+    let now = unix_now();
+    let (first, second) = ("Baaaaaaaaaaaaaaa", "aaaaaaaaaaaaaaaa");
+    plant(
+        &server,
+        "rk:s:{tie}",
+        [first, second].map(|id| (id.to_owned(), planted_record(now, now + 3600))),
+    );
+
+    // Act
+    let created = store.create("tie", "new", None, None).await.unwrap();
+
+    // Assert
+    assert_eq!(created.evicted, 1);
+    let mut listed: Vec<String> = store
+        .sessions("tie")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    listed.sort();
+    let mut kept = vec![second.to_owned(), created.session.session_id];
+    kept.sort();
+    assert_eq!(
+        listed, kept,
+        "{first} (first in byte order) should have gone"
+    );
+}

@@ -36,6 +36,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// Environment variables set for the process (a locale, say), beside the inherited ones.
+    env: Vec<(String, String)>,
 }
 
 impl RedisServer {
@@ -46,6 +48,16 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (e.g. `["--maxmemory", "1mb"]`).
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_with_env(&[], args)
+    }
+
+    /// Starts a server with environment variables of its own (e.g. `LC_ALL`, which redis-server
+    /// reads for its Lua scripts' string collation) and extra arguments.
+    pub fn start_with_env(env: &[(&str, &str)], args: &[&str]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
         let mut dir = tempfile::Builder::new()
             .prefix("rediskit-test-")
             .tempdir()
@@ -59,6 +71,7 @@ impl RedisServer {
                 port,
                 dir,
                 args,
+                env: env.clone(),
             };
             if server.spawn() {
                 return server;
@@ -83,7 +96,7 @@ impl RedisServer {
         let mut args: Vec<std::ffi::OsString> = vec!["--port".into(), self.port.to_string().into()];
         args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(Into::into));
         args.extend(self.args.iter().map(Into::into));
-        match launch(self.dir.path(), &args, || self.ping()) {
+        match launch(self.dir.path(), &args, &self.env, || self.ping()) {
             // Under parallel tests the answer may have come from another test's server that took
             // the port first, while ours is about to exit with "Address already in use".
             Some(mut child) if !node::serves_unless_locked(self.port, child.id()) => {
@@ -184,11 +197,13 @@ impl Drop for RedisServer {
 pub(crate) fn launch(
     dir: &Path,
     args: &[std::ffi::OsString],
+    env: &[(String, String)],
     ready: impl Fn() -> bool,
 ) -> Option<Child> {
     let log = dir.join("redis.log");
     let child = Command::new("redis-server")
         .args(args)
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")

@@ -69,7 +69,7 @@ impl Node {
         // Another test may grab a port between our probe and redis-server's bind: retry.
         for _ in 0..5 {
             let args = args(port, dir.path());
-            if let Some(mut child) = crate::launch(dir.path(), &args, || answers(port)) {
+            if let Some(mut child) = crate::launch(dir.path(), &args, &[], || answers(port)) {
                 // `launch` only saw *something* answer on `port`. Under parallel tests that can
                 // be another test's server that took the port first, while ours is about to exit
                 // with "Address already in use": make sure the answer came from our process

@@ -247,7 +247,7 @@ impl TlsRedisServer {
         args.extend(self.args.iter().map(Into::into));
         // Any reply means the server is up; with `requirepass` it answers NOAUTH.
         let ready = || !self.cli_output(&["PING"]).stdout.is_empty();
-        match crate::launch(self.dir.path(), &args, ready) {
+        match crate::launch(self.dir.path(), &args, &[], ready) {
             Some(child) => {
                 self.child = Some(child);
                 true

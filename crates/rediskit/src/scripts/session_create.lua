@@ -11,6 +11,15 @@
 -- per operation cost redis-server ~2k instructions more).
 local times = {}
 
+-- Whether `a` sorts before `b` byte by byte (Rust's order of strings), whatever the locale.
+local function bytes_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
 local function create(key, sid, packed)
   local ttl, idle, max = unpack_bytes('>I4I4I4', packed)
   local expires = now + ttl
@@ -41,13 +50,13 @@ local function create(key, sid, packed)
     -- not grow memory there) before anything changed. Deletions first would have let it through,
     -- as Redis lets a script that has already written finish its writes.
     call('HSET', key, sid, rec)
-    if #ended > 0 then
-      call('HDEL', key, unpack(ended))
-    end
-    -- Evict the oldest until the new session fits under the cap.
+    delete_fields(key, ended)
+    -- Evict the oldest until the new session fits under the cap; among sessions created in the
+    -- same second, the first id in byte order, as the Rust side sorts them (Lua's `<` on strings
+    -- follows redis-server's locale, which may not be byte order).
     if #live >= max then
       table.sort(live, function(a, b)
-        if a[2] == b[2] then return a[1] < b[1] end
+        if a[2] == b[2] then return bytes_less(a[1], b[1]) end
         return a[2] < b[2]
       end)
       while #live - evicted >= max do

@@ -88,12 +88,18 @@ local function time_text(t)
   return text
 end
 
+-- Deletes the fields `ids` of `key`. In slices: Lua 5.1's `unpack` fails past ~8,000 values
+-- (LUAI_MAXCSTACK), and a user capped at up to 10,000 sessions can have that many ended at once.
+local function delete_fields(key, ids)
+  for first = 1, #ids, 1000 do
+    call('HDEL', key, unpack(ids, first, math.min(first + 999, #ids)))
+  end
+end
+
 -- Deletes the user's ended sessions and sets the key to expire with its live sessions' bound.
 local function sweep(key, idle)
   local live, ended, key_end = scan(key, idle)
-  if #ended > 0 then
-    call('HDEL', key, unpack(ended))
-  end
+  delete_fields(key, ended)
   if #live > 0 then
     call('EXPIREAT', key, time_text(key_end))
   end
