@@ -506,8 +506,13 @@ pub fn too_many_requests(decision: &Decision) -> Problem {
     .with_headers(rate_limit_headers(decision))
 }
 
-/// The client address of a request: the socket peer (from axum's `ConnectInfo`), or the first
-/// `X-Forwarded-For` entry when `trust_forwarded_for` (only behind a proxy you control).
+/// The client address of a request: the socket peer (from axum's `ConnectInfo`), or, when
+/// `trust_forwarded_for` (only behind a proxy you control), the last `X-Forwarded-For` entry.
+///
+/// The last entry is the one your proxy appended: the address it saw. Entries before it are
+/// whatever the client sent, so the first one would let every request pick its own address (and
+/// its own rate-limit budget). Behind a chain of proxies, the last one must overwrite the header
+/// or the budget is per inner proxy.
 pub fn client_address<B>(request: &Request<B>, trust_forwarded_for: bool) -> Option<IpAddr> {
     client_address_of(request.headers(), request.extensions(), trust_forwarded_for)
 }
@@ -520,9 +525,11 @@ pub fn client_address_of(
 ) -> Option<IpAddr> {
     if trust_forwarded_for
         && let Some(ip) = headers
-            .get("x-forwarded-for")
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.rsplit(',').next())
             .and_then(|v| v.trim().parse().ok())
     {
         return Some(ip);

@@ -305,3 +305,38 @@ async fn rate_limit_layer() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// The client address behind a trusted proxy is the last `X-Forwarded-For` entry, the one the
+/// proxy appended: what a client writes before it (or in an earlier header) buys no budget.
+#[tokio::test]
+async fn forwarded_for_is_the_entry_the_proxy_appended() {
+    let (_, state) = setup().await;
+    let limiter = RateLimiter::new(&state.client, "xff", Quota::per_minute(1)).unwrap();
+    let app: Router = Router::new()
+        .route("/x", get(|| async { StatusCode::OK }))
+        .layer(RateLimitLayer::new(limiter, true));
+    let request = |headers: &[&str]| {
+        let mut request = Request::get("/x");
+        for header in headers {
+            request = request.header("x-forwarded-for", *header);
+        }
+        request.body(Body::empty()).unwrap()
+    };
+    let status = |headers: &'static [&'static str]| {
+        let app = app.clone();
+        async move { app.oneshot(request(headers)).await.unwrap().status() }
+    };
+
+    assert_eq!(status(&["203.0.113.5, 10.0.0.1"]).await, StatusCode::OK);
+    // The same proxy-seen address, whatever the client put before it.
+    assert_eq!(
+        status(&["198.51.100.7, 10.0.0.1"]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        status(&["198.51.100.8", "10.0.0.1"]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another address seen by the proxy has its own budget.
+    assert_eq!(status(&["203.0.113.5, 10.0.0.2"]).await, StatusCode::OK);
+}
