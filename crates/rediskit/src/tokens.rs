@@ -55,8 +55,8 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100;
 pub const MIN_SECRET_LEN: usize = 32;
 /// Longest user id accepted, in bytes.
 pub const MAX_USER_ID_LEN: usize = 128;
-/// Longest device description accepted, in bytes.
-pub const MAX_DEVICE_LEN: usize = 128;
+/// Longest device description accepted, in bytes: 128 characters of up to 4 bytes each.
+pub const MAX_DEVICE_LEN: usize = 512;
 /// Longest metadata accepted, as JSON bytes.
 pub const MAX_METADATA_LEN: usize = 1024;
 
@@ -1096,9 +1096,7 @@ impl Record {
         for value in [self.created, self.last_used, self.expires, self.rotated] {
             out.extend_from_slice(&value.to_be_bytes());
         }
-        // Devices are at most MAX_DEVICE_LEN (128) bytes, so the length fits in one byte.
-        out.push(self.device.len() as u8);
-        out.extend_from_slice(self.device.as_bytes());
+        push_device(&mut out, &self.device);
         out.extend_from_slice(&self.metadata);
         out
     }
@@ -1108,8 +1106,14 @@ impl Record {
         let (head, rest) = bytes.split_at_checked(RECORD_HEAD)?;
         let word =
             |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-        let (&device_len, rest) = rest.split_first()?;
-        let (device, metadata) = rest.split_at_checked(usize::from(device_len))?;
+        let (device_len, rest) = match rest.split_first()? {
+            (&LONG_DEVICE, rest) => {
+                let (len, rest) = rest.split_first_chunk::<2>()?;
+                (usize::from(u16::from_be_bytes(*len)), rest)
+            }
+            (&len, rest) => (usize::from(len), rest),
+        };
+        let (device, metadata) = rest.split_at_checked(device_len)?;
         let mut hash = [0u8; HASH_LEN];
         hash.copy_from_slice(&head[4..4 + HASH_LEN]);
         Some(Self {
@@ -1169,6 +1173,24 @@ struct RotateArgs<'a> {
     grace: u32,
 }
 
+/// The device length byte that says a two-byte length follows: devices of 255 bytes and more.
+/// Shorter ones (every device before the limit grew from 128 bytes) keep the one-byte length.
+const LONG_DEVICE: u8 = 0xFF;
+
+/// A record's device field: its length, one byte under [`LONG_DEVICE`], else that byte and two
+/// (devices are at most [`MAX_DEVICE_LEN`] bytes), then its text.
+fn push_device(out: &mut Vec<u8>, device: &str) {
+    match u8::try_from(device.len()) {
+        Ok(len) if len < LONG_DEVICE => out.push(len),
+        _ => {
+            let len = u16::try_from(device.len()).expect("devices are checked to be short");
+            out.push(LONG_DEVICE);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(device.as_bytes());
+}
+
 impl CreateArgs<'_> {
     /// `session_create.lua`'s ARGV[2]: ttl, idle and max big-endian, then the new record as
     /// far as it does not depend on the server's clock: its head's generation (0) and hash,
@@ -1181,9 +1203,7 @@ impl CreateArgs<'_> {
             out.extend_from_slice(&value.to_be_bytes());
         }
         out.extend_from_slice(self.hash);
-        // Devices are at most MAX_DEVICE_LEN (128) bytes, so the length fits in one byte.
-        out.push(self.device.len() as u8);
-        out.extend_from_slice(self.device.as_bytes());
+        push_device(&mut out, self.device);
         out.extend_from_slice(self.metadata);
         out
     }
@@ -1536,6 +1556,37 @@ mod tests {
         assert_eq!(record.ends(0), 30);
         assert_eq!(record.ends(5), 25);
         assert_eq!(record.ends(50), 30);
+    }
+
+    /// A device under 255 bytes keeps the one-byte length every stored record has; a longer one
+    /// (up to 512 bytes: 128 four-byte characters) has the marker and a two-byte length, and
+    /// both round-trip with their metadata, and refuse truncation.
+    #[test]
+    fn device_lengths_in_one_byte_or_three() {
+        for (device, prefix) in [
+            ("d".repeat(254), vec![254u8]),
+            ("d".repeat(255), vec![LONG_DEVICE, 0, 255]),
+            ("🦀".repeat(128), vec![LONG_DEVICE, 2, 0]),
+        ] {
+            let record = Record {
+                generation: 0,
+                hash: [1; HASH_LEN],
+                created: 1,
+                last_used: 2,
+                expires: 3,
+                rotated: 2,
+                device: device.clone(),
+                metadata: b"{}".to_vec(),
+            };
+            let bytes = record.encode();
+            assert_eq!(bytes[RECORD_HEAD..RECORD_HEAD + prefix.len()], prefix[..]);
+            assert_eq!(Record::decode(&bytes), Some(record.clone()));
+            for len in 0..bytes.len() - record.metadata.len() {
+                assert!(Record::decode(&bytes[..len]).is_none(), "{len}");
+            }
+            assert!(check_device(&device).is_ok());
+        }
+        assert!(check_device(&"d".repeat(MAX_DEVICE_LEN + 1)).is_err());
     }
 
     /// Rounding of lifetimes never ends a session early.
