@@ -441,6 +441,8 @@ impl Config {
             )?);
         }
         if let Some(prefix) = lookup("REDIS_KEY_PREFIX") {
+            crate::keys::check_prefix(&prefix)
+                .map_err(|why| Error::config(format!("REDIS_KEY_PREFIX: {why}")))?;
             config.key_prefix = prefix;
         }
         config.tls_ca_file = get("REDIS_TLS_CA_FILE").map(|path| PathBuf::from(path.trim()));
@@ -1164,7 +1166,7 @@ mod tests {
                 ],
                 "REDIS_CLUSTER_NODES",
             ),
-            (&[("REDIS_KEY_PREFIX", "has space")], "key_prefix"),
+            (&[("REDIS_KEY_PREFIX", "has space")], "REDIS_KEY_PREFIX"),
             (
                 &[("REDIS_BREAKER_THRESHOLD", "-1")],
                 "REDIS_BREAKER_THRESHOLD",
