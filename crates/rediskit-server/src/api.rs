@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::header::USER_AGENT;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -10,12 +10,12 @@ use axum::response::{IntoResponse, Response};
 use rediskit::web::{
     Authenticated, Problem, client_address_of, rate_limit_headers, too_many_requests,
 };
-use rediskit::{CacheStatus, ErrorKind, Issued, MAX_DEVICE_LEN, Session};
+use rediskit::{CacheStatus, ErrorKind, Issued, Session};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::error::{ApiError, ApiJson, store_error};
+use crate::error::{ApiError, ApiJson, ApiPath, store_error};
 use crate::users::UserError;
 
 /// `POST /auth/register` body.
@@ -239,11 +239,16 @@ pub async fn login(
     headers: HeaderMap,
     body: Result<axum::Json<LoginBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    // Limited per user name and address; a body without a name is limited per address.
-    let username = body
-        .as_ref()
-        .map(|b| b.username.to_ascii_lowercase())
-        .unwrap_or_default();
+    // Limited per user name and address; a body without a name is limited per address. A name
+    // no account can have shares one budget per address: it would fail anyway, and it is not
+    // written into a key as it came (one over the key limit would have made this a 500).
+    let username = match &body {
+        Ok(body) if crate::users::check_username(&body.username).is_ok() => {
+            body.username.to_ascii_lowercase()
+        }
+        Ok(_) => INVALID_USERNAME.to_owned(),
+        Err(_) => String::new(),
+    };
     let decision = match state.login_limiter.check(&format!("{username}|{ip}")).await {
         Ok(decision) => decision,
         Err(err) => return store_error(err).into_response(),
@@ -259,16 +264,38 @@ pub async fn login(
     response
 }
 
+/// What a login's rate-limit key holds in place of a name no account can have (see
+/// [`crate::users::check_username`]); it is not one itself (`~` is not allowed in names).
+const INVALID_USERNAME: &str = "~invalid";
+
+/// `/auth/login` with a method other than POST: 405, limited per address like a login whose body
+/// names no one, with the `RateLimit-*` headers every response of `/auth/*` carries.
+pub async fn login_method_not_allowed(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+) -> Response {
+    let decision = match state.login_limiter.check(&format!("|{ip}")).await {
+        Ok(decision) => decision,
+        Err(err) => return store_error(err).into_response(),
+    };
+    if !decision.allowed {
+        return too_many_requests(&decision).into_response();
+    }
+    let mut response = crate::method_not_allowed().await.into_response();
+    response.headers_mut().extend(rate_limit_headers(&decision));
+    response
+}
+
 async fn login_inner(
     state: &AppState,
     body: LoginBody,
     headers: &HeaderMap,
 ) -> Result<ApiJson<TokenPair>, ApiError> {
     let device = match body.device {
-        Some(device) if device.chars().count() > MAX_DEVICE_LEN => {
+        Some(device) if device.chars().count() > MAX_DEVICE_CHARS => {
             return Err(Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("device: must be at most {MAX_DEVICE_LEN} characters"),
+                format!("device: must be at most {MAX_DEVICE_CHARS} characters"),
             ));
         }
         Some(device) => sanitize_device(&device),
@@ -300,38 +327,42 @@ async fn login_inner(
     Ok(ApiJson(pair(state, issued, &user.username)?))
 }
 
+/// The contract's limit on a device name. The library's is in bytes
+/// ([`rediskit::MAX_DEVICE_LEN`], 512), enough for 128 characters of any kind.
+pub const MAX_DEVICE_CHARS: usize = 128;
+
 /// Control characters, bidirectional overrides and zero-width characters removed (a device name
 /// is shown back to the user in their session list, where those could disguise it), then cut to
-/// the byte limit on a character boundary.
+/// [`MAX_DEVICE_CHARS`] (only a `User-Agent` can be longer: a longer `device` is refused).
 fn sanitize_device(text: &str) -> String {
     let invisible = |c: char| {
         c.is_control()
             || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
     };
-    let mut out = String::new();
-    for c in text.chars().filter(|&c| !invisible(c)) {
-        if out.len() + c.len_utf8() > MAX_DEVICE_LEN {
-            break;
-        }
-        out.push(c);
-    }
-    out
+    text.chars()
+        .filter(|&c| !invisible(c))
+        .take(MAX_DEVICE_CHARS)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Device names lose what could disguise them and keep to the byte limit.
+    /// Device names lose what could disguise them; 128 characters of any width are kept whole,
+    /// and only a longer text (a `User-Agent`) is cut, at 128 characters.
     #[test]
     fn device_names_are_sanitized() {
         assert_eq!(
             sanitize_device("Fire\u{202E}fox\n on\u{200B} Linux"),
             "Firefox on Linux"
         );
-        let long = "é".repeat(100);
-        let cut = sanitize_device(&long);
-        assert!(cut.len() <= MAX_DEVICE_LEN && cut.chars().all(|c| c == 'é'));
+        for c in ['é', '山', '🦀'] {
+            let whole = c.to_string().repeat(MAX_DEVICE_CHARS);
+            assert_eq!(sanitize_device(&whole), whole);
+            assert!(whole.len() <= rediskit::MAX_DEVICE_LEN);
+            assert_eq!(sanitize_device(&format!("{whole}{c}")), whole);
+        }
     }
 }
 
@@ -455,7 +486,7 @@ pub async fn sessions(
 pub async fn delete_session(
     State(state): State<AppState>,
     user: Authenticated,
-    Path(session_id): Path<String>,
+    ApiPath(session_id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let revoked = state
         .auth
@@ -521,7 +552,7 @@ pub const METRICS_TTL: Duration = Duration::from_secs(crate::config::DEFAULT_DEM
     ))]
 pub async fn business_metrics(
     State(state): State<AppState>,
-    Path(timeframe): Path<String>,
+    ApiPath(timeframe): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let days: u64 = match timeframe.as_str() {
         "1d" => 1,

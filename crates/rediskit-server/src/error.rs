@@ -53,6 +53,43 @@ where
     }
 }
 
+/// `axum::extract::Path`, with rejections as problem documents (400 naming the parameter, for a
+/// segment that is not UTF-8 once percent-decoded, say) instead of axum's plain text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(Problem::new(
+                rejection.status(),
+                format!("invalid path: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
+/// Middleware: 413 for a request that declares a body over [`BODY_LIMIT`], on routes that read
+/// no body (where no extractor would see it). Bodies sent without a length reach such a route
+/// unread, which costs nothing but the bytes on the wire.
+pub async fn refuse_oversized(request: Request, next: axum::middleware::Next) -> Response {
+    if let Some(declared) = declared_over_limit(&request) {
+        linger(request, declared).await;
+        return Problem::new(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE).into_response();
+    }
+    next.run(request).await
+}
+
 /// The detail of every 413.
 const TOO_LARGE: &str = "the request body is larger than 64 KiB";
 

@@ -148,7 +148,7 @@ async fn not_found() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no such route; see /openapi.json")
 }
 
-async fn method_not_allowed() -> Problem {
+pub(crate) async fn method_not_allowed() -> Problem {
     Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "this route does not take that method; see /openapi.json",
@@ -165,14 +165,16 @@ pub fn app(state: AppState) -> Router {
         .route("/auth/logout-all", post(api::logout_all))
         .route("/auth/sessions", get(api::sessions))
         .route("/auth/sessions/{session_id}", delete(api::delete_session))
+        // Before the layer, so that a 405 passes through it too and carries the RateLimit-*
+        // headers (set after it, on the merged router, it would replace the layered fallback).
+        .method_not_allowed_fallback(method_not_allowed)
+        // Inside the rate limit, so that its 413 carries the RateLimit-* headers too.
+        .layer(middleware::from_fn(error::refuse_oversized))
         .layer(RateLimitLayer::new(
             state.auth_limiter.clone(),
             state.config.trust_forwarded_for,
         ));
-    Router::new()
-        .merge(limited)
-        // Login is limited inside its handler: the key includes the user name from the body.
-        .route("/auth/login", post(api::login))
+    let open = Router::new()
         .route("/me", get(api::me))
         .route(
             "/api/business-metrics/{timeframe}",
@@ -182,6 +184,15 @@ pub fn app(state: AppState) -> Router {
         .route("/health/redis", get(redis_health_doc))
         .route("/metrics", get(metrics_doc))
         .route("/openapi.json", get(openapi::document))
+        .layer(middleware::from_fn(error::refuse_oversized));
+    Router::new()
+        .merge(limited)
+        .merge(open)
+        // Login is limited inside its handler: the key includes the user name from the body.
+        .route(
+            "/auth/login",
+            post(api::login).fallback(api::login_method_not_allowed),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

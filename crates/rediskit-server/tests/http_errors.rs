@@ -181,6 +181,40 @@ async fn body_over_64_kib_is_413() {
     assert_problem(&at_limit, 422); // read, then refused: the password is over 256 bytes
 }
 
+/// Routes that read no body answer 413 to one declared over 64 KiB as well, the limited ones with
+/// their `RateLimit-*` headers; the request does nothing (the logout does not happen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_64_kib_is_413_on_routes_without_a_body() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    service.register("alice", PASSWORD).await;
+    let pair = service.login("alice", PASSWORD).await;
+    let big = "x".repeat(BODY_LIMIT + 1);
+    let with_big_body = |method: Method, path: &str| {
+        service
+            .request(method, path)
+            .bearer_auth(&pair.access_token)
+            .body(big.clone())
+    };
+
+    // Act
+    let logout = service
+        .send(with_big_body(Method::POST, "/auth/logout"))
+        .await;
+    let me = service.send(with_big_body(Method::GET, "/me")).await;
+    let metrics = service
+        .send(with_big_body(Method::GET, "/api/business-metrics/7d"))
+        .await;
+
+    // Assert
+    assert_problem(&logout, 413);
+    logout.integer_header("ratelimit-limit");
+    assert_problem(&me, 413);
+    assert_problem(&metrics, 413);
+    service.me(&pair.access_token).await.assert_status(200);
+}
+
 /// A client still sending an oversized body (here 512 KiB, in pieces) gets the 413 instead of a
 /// reset: the service reads and discards the rest before answering. Had it answered and closed
 /// at once, the later pieces would hit a closed connection.
@@ -528,6 +562,18 @@ async fn every_auth_answer_carries_the_ratelimit_headers() {
             .auth_post("/auth/logout-all", &pair.access_token)
             .await,
     ));
+    // A known route with a method it does not take.
+    for (method, path) in [
+        (Method::GET, "/auth/register"),
+        (Method::GET, "/auth/logout"),
+        (Method::POST, "/auth/sessions"),
+        (Method::PUT, "/auth/login"),
+        (Method::GET, "/auth/login"),
+    ] {
+        let reply = service.send(service.request(method.clone(), path)).await;
+        assert_problem(&reply, 405);
+        replies.push(("405", reply));
+    }
 
     // Assert
     for (what, reply) in &replies {

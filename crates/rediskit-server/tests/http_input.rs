@@ -72,6 +72,63 @@ async fn device_text_is_sanitized() {
     );
 }
 
+/// A device of 128 characters is stored whole however wide they are (2, 3 or 4 bytes of UTF-8:
+/// up to 512 bytes), and listed back as it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_of_128_wide_characters_are_kept_whole() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    service.register("alice", PASSWORD).await;
+    for c in ['é', '山', '🦀'] {
+        let device = c.to_string().repeat(128);
+        let pair = service.login_on("alice", PASSWORD, &device).await;
+        let sessions = service.auth_get("/auth/sessions", &pair.access_token).await;
+        let listed = sessions.json()["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["session_id"] == pair.session_id.as_str())
+            .map(|s| s["device"].clone())
+            .unwrap();
+        assert_eq!(listed, device.as_str(), "{c}");
+        // And the session still rotates with its long record.
+        service
+            .refresh(&pair.refresh_token)
+            .await
+            .assert_status(200);
+    }
+}
+
+/// A login naming a user no account can have (too long for any key, or with characters names
+/// may not use) is a 401 like any wrong name, limited and with the `RateLimit-*` headers, never
+/// a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_user_names_at_login_are_a_401() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    for name in ["a".repeat(1100), "a|b".to_owned(), "é".repeat(10)] {
+        let reply = service.try_login(&name, PASSWORD).await;
+        assert_problem(&reply, 401);
+        reply.integer_header("ratelimit-limit");
+    }
+}
+
+/// A path parameter that is not UTF-8 once decoded is a 400 problem document, not axum's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_is_not_utf8_is_a_problem_document() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    let reply = service.get("/api/business-metrics/%FF").await;
+    assert_problem(&reply, 400);
+    service.register("alice", PASSWORD).await;
+    let pair = service.login("alice", PASSWORD).await;
+    let reply = service
+        .auth_delete("/auth/sessions/%FF", &pair.access_token)
+        .await;
+    assert_problem(&reply, 400);
+    reply.integer_header("ratelimit-limit");
+}
+
 /// Odd JSON: duplicate fields, deep nesting, a top-level array, extra fields, numbers for
 /// strings, and `null` — each a 4xx problem document; never a 5xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
