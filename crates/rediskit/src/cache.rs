@@ -209,6 +209,8 @@ pub struct CacheBuilder {
 /// How long a process computing a cold key holds its lease: others wait for its value up to this
 /// long, then compute themselves.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// The longest lease [`CacheBuilder::lease_ttl`] accepts: a day.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(86_400);
 
 impl CacheBuilder {
     /// Namespace: 1 to 64 bytes of `A-Z a-z 0-9 _ - .`. Default: [`DEFAULT_NAMESPACE`].
@@ -274,6 +276,15 @@ impl CacheBuilder {
                 "stale_while_revalidate window must be at most {} days, got {:?}",
                 ttl::MAX.as_secs() / 86_400,
                 self.stale_window
+            )));
+        }
+        // A lease is a short lock; past a day it is a mistake (and `Duration::MAX` overflowed the
+        // waiters' deadline).
+        if self.lease_ttl > MAX_LEASE_TTL {
+            return Err(Error::invalid(format!(
+                "lease_ttl must be at most {} s, got {:?}",
+                MAX_LEASE_TTL.as_secs(),
+                self.lease_ttl
             )));
         }
         if let Some(config) = &self.near {
@@ -646,7 +657,8 @@ impl Cache {
         }
         // The ticket comes before the read is sent: see `near` on the race it closes.
         let ticket = near.and_then(|near| near.ticket(redis_key));
-        let read = self.inner.client.get_with_ttl(redis_key).await;
+        let read =
+            self.foreign_type_as_none(redis_key, self.inner.client.get_with_ttl(redis_key).await);
         let Some(read) = self.soft(read)? else {
             return Ok(Found::Missing);
         };
@@ -727,20 +739,8 @@ impl Cache {
         };
         // Another process (or a caller that finished just before we joined) may have stored it;
         // and among processes, the first to take the lease computes while the others wait for
-        // its value. The look and the bid go out together, one round trip, on one connection:
-        // Redis runs them back to back, so no holder's store and release can fall between them.
-        let (mut found, bid) = self
-            .inner
-            .client
-            .in_order(async { tokio::join!(self.read(redis_key), self.try_lease(key)) })
-            .await;
-        // On a Cluster the value and its lease live on different nodes, so nothing orders the
-        // two: a holder's store and release can fall between our look and our bid. A holder
-        // there releases only once its store is acknowledged, so a second look after winning
-        // the bid sees any value stored before the lease came free (cold path only).
-        if self.spans_servers() && matches!(bid, TryLease::Taken(_)) && matches!(found, Ok(None)) {
-            found = self.read(redis_key).await;
-        }
+        // its value.
+        let (found, bid) = self.look_and_bid(key, redis_key).await;
         let found = match self.soft(found) {
             Ok(found) => found.flatten(),
             Err(err) => {
@@ -783,6 +783,29 @@ impl Cache {
             value,
             status: CacheStatus::Miss,
         })
+    }
+
+    /// Reads `redis_key` and bids for `key`'s lease. The look and the bid go out together, one
+    /// round trip, on one connection: Redis runs them back to back, so no holder's store and
+    /// release can fall between them.
+    async fn look_and_bid<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        redis_key: &str,
+    ) -> (Result<Option<T>>, TryLease) {
+        let (mut found, bid) = self
+            .inner
+            .client
+            .in_order(async { tokio::join!(self.read(redis_key), self.try_lease(key)) })
+            .await;
+        // On a Cluster the value and its lease live on different nodes, so nothing orders the
+        // two: a holder's store and release can fall between our look and our bid. A holder
+        // there releases only once its store is acknowledged, so a second look after winning
+        // the bid sees any value stored before the lease came free (cold path only).
+        if self.spans_servers() && matches!(bid, TryLease::Taken(_)) && matches!(found, Ok(None)) {
+            found = self.read(redis_key).await;
+        }
+        (found, bid)
     }
 
     /// Refreshes a stale key as this process's flight leader. `Ok(None)`: another process holds
@@ -848,7 +871,15 @@ impl Cache {
             .counters
             .computations
             .fetch_add(1, Ordering::Relaxed);
+        // Until the computation returns, the lease is released if it never does (its caller
+        // cancelled, an HTTP client that went away, or a panic): left to expire, it would hold
+        // every caller of the key, here and in other processes, for the whole lease TTL.
+        let unfinished = LeaseGuard {
+            client: self.inner.client.clone(),
+            lease,
+        };
         let computed = compute().await;
+        let lease = unfinished.finished();
         let value = match computed {
             Ok(value) => value,
             Err(err) => {
@@ -915,11 +946,17 @@ impl Cache {
         }
     }
 
-    /// Waits for the value of the process holding the lease `lease_key` on `key`. Any trouble
-    /// with Redis (or a lease that expires without a value) means: compute here.
-    async fn wait_for_holder<T: DeserializeOwned>(&self, key: &str, lease_key: String) -> Lease<T> {
+    /// Waits for the value of the process holding the lease `lease_key` on `key`. A holder that
+    /// gives up without a value hands over: the waiters bid again, and the one that takes the
+    /// lease computes while the others wait for it. Any trouble with Redis, or a lease that
+    /// expires without a value (its holder outlived it), means: compute here.
+    async fn wait_for_holder<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        mut lease_key: String,
+    ) -> Lease<T> {
         let redis_key = keys::join(&[&self.inner.prefix, key]);
-        let deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
+        let mut deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
         let mut pause = Duration::from_millis(5);
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(pause).await;
@@ -934,11 +971,24 @@ impl Cache {
                 Ok(false) => {
                     // The lease is gone: either the holder stored its value and released it
                     // since our look (holders release only after storing), or it gave up
-                    // without a value. One more look tells which.
-                    if let Ok(Some(value)) = self.read(&redis_key).await {
+                    // without a value. One more look tells which; with it goes a bid, as every
+                    // waiter's does, and the one that takes the lease takes over.
+                    let (found, bid) = self.look_and_bid(key, &redis_key).await;
+                    if let Ok(Some(value)) = found {
+                        if let TryLease::Taken(lease) = bid {
+                            self.release_lease(lease).await;
+                        }
                         return Lease::Waited(value);
                     }
-                    break;
+                    match bid {
+                        TryLease::Taken(lease) => return Lease::Held(lease),
+                        TryLease::Busy(next) => {
+                            lease_key = next;
+                            deadline = tokio::time::Instant::now() + self.inner.lease_ttl;
+                            pause = Duration::from_millis(5);
+                        }
+                        TryLease::Unavailable => break,
+                    }
                 }
                 Err(_) => break,
             }
@@ -977,7 +1027,8 @@ impl Cache {
     /// With a near-cache: from memory when held, else from Redis and then kept.
     async fn read<T: DeserializeOwned>(&self, redis_key: &str) -> Result<Option<T>> {
         let Some(near) = &self.inner.near else {
-            let bytes = self.inner.client.get(redis_key).await?;
+            let bytes =
+                self.foreign_type_as_none(redis_key, self.inner.client.get(redis_key).await)?;
             return Ok(self.decode_counted(redis_key, bytes).await);
         };
         if let Some(value) = self.near_hit(near, redis_key)? {
@@ -985,7 +1036,8 @@ impl Cache {
         }
         // The ticket comes before the GET is sent: see `near` on the race it closes.
         let Some(ticket) = near.ticket(redis_key) else {
-            let bytes = self.inner.client.get(redis_key).await?;
+            let bytes =
+                self.foreign_type_as_none(redis_key, self.inner.client.get(redis_key).await)?;
             return Ok(self.decode_counted(redis_key, bytes).await);
         };
         let (bytes, ttl) = self.get_with_ttl(redis_key).await?;
@@ -1024,7 +1076,8 @@ impl Cache {
 
     /// `GET` and `PTTL` in one round trip: the value, and how long it may be kept.
     async fn get_with_ttl(&self, redis_key: &str) -> Result<(Option<Vec<u8>>, Option<Duration>)> {
-        Ok(match self.inner.client.get_with_ttl(redis_key).await? {
+        let read = self.inner.client.get_with_ttl(redis_key).await;
+        Ok(match self.foreign_type_as_none(redis_key, read)? {
             Some((bytes, ttl)) => (Some(bytes), ttl),
             None => (None, None),
         })
@@ -1058,9 +1111,10 @@ impl Cache {
         let fetched: Option<(Vec<Option<Vec<u8>>>, Ttls)> =
             if self.inner.client.backend() == BackendKind::Cluster {
                 // A cluster pipeline may not span slots: each key on its own, concurrently.
-                let reads = missing
-                    .iter()
-                    .map(|(index, _)| self.inner.client.get_with_ttl(&redis_keys[*index]));
+                let reads = missing.iter().map(|(index, _)| async {
+                    let key = &redis_keys[*index];
+                    self.foreign_type_as_none(key, self.inner.client.get_with_ttl(key).await)
+                });
                 self.soft(futures_util::future::try_join_all(reads).await)?
                     .map(|replies| {
                         replies
@@ -1150,6 +1204,28 @@ impl Cache {
         }
     }
 
+    /// A read's reply, with a key of another Redis type (a hash where the cache keeps strings,
+    /// left by another program) as no value, as `MGET` and `memory://` answer: counted as a
+    /// corrupt value (the caller counts the miss) and logged, not deleted (it is not ours to
+    /// delete; the next write of the key replaces it).
+    fn foreign_type_as_none<V>(
+        &self,
+        redis_key: &str,
+        read: Result<Option<V>>,
+    ) -> Result<Option<V>> {
+        match read {
+            Err(err) if err.is_wrong_type() => {
+                self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    key = redis_key,
+                    "the cache key holds another Redis type; treated as a miss"
+                );
+                Ok(None)
+            }
+            read => read,
+        }
+    }
+
     async fn discard(&self, redis_key: &str, bytes: &[u8], why: &DecodeError) {
         let deleted = self.inner.client.del_if_equals(redis_key, bytes).await;
         tracing::warn!(
@@ -1232,6 +1308,35 @@ enum Found<T> {
 /// A lease we hold: its key and our token, to release it only if it is still ours. `None` when
 /// leases are off or Redis could not be asked: we compute without one.
 type LeaseHold = Option<(String, Vec<u8>)>;
+
+/// A lease held while a computation runs; dropped before [`LeaseGuard::finished`] (the
+/// computing future dropped, or a panic), it releases the lease from a task of its own.
+struct LeaseGuard {
+    client: Client,
+    lease: LeaseHold,
+}
+
+impl LeaseGuard {
+    /// The computation returned: the lease, for the caller to release after storing.
+    fn finished(mut self) -> LeaseHold {
+        self.lease.take()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some((lease_key, token)) = self.lease.take() else {
+            return;
+        };
+        // Outside a runtime (its shutdown) nothing can be sent: the lease expires by itself.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.del_if_equals(&lease_key, &token).await;
+            });
+        }
+    }
+}
 
 /// The outcome of [`Cache::try_lease`].
 enum TryLease {

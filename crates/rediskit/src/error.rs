@@ -126,6 +126,15 @@ impl Error {
             })
     }
 
+    /// True when Redis answered `WRONGTYPE`: the key holds another type than the command reads
+    /// (a hash where the cache keeps strings, say).
+    pub(crate) fn is_wrong_type(&self) -> bool {
+        self.source
+            .as_ref()
+            .and_then(|source| source.downcast_ref::<redis::RedisError>())
+            .is_some_and(|err| err.code() == Some("WRONGTYPE"))
+    }
+
     /// The same error for another caller, when one failed call answered several (a coalesced
     /// script): kind, message, whether the connection failed, and Redis's own error (so that
     /// `READONLY` is still recognised).
@@ -265,6 +274,7 @@ mod tests {
         }
         let parsed: Error = redis::make_extension_error("WRONGTYPE".into(), None).into();
         assert_eq!(parsed.kind(), ErrorKind::Backend);
+        assert!(parsed.is_wrong_type() && !parsed.duplicate().is_read_only());
         // Redis answered: unavailable for the caller, but not a connection failure.
         let oom: Error = redis::make_extension_error("OOM".into(), None).into();
         assert!(!oom.is_connection_failure());

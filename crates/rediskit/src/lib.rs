@@ -88,7 +88,8 @@ pub mod web;
 pub use breaker::BreakerState;
 #[doc(inline)]
 pub use cache::{
-    Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_LEASE_TTL, DEFAULT_NAMESPACE, Lookup, ttl,
+    Cache, CacheBuilder, CacheStats, CacheStatus, DEFAULT_LEASE_TTL, DEFAULT_NAMESPACE, Lookup,
+    MAX_LEASE_TTL, ttl,
 };
 #[doc(inline)]
 pub use client::{

@@ -46,6 +46,9 @@ conformance!(
     get_or_set_failure_is_not_cached,
     get_or_set_computes_once_across_processes,
     a_failed_lease_holder_hands_over,
+    a_failed_lease_holder_hands_over_to_one_waiter,
+    a_cancelled_computation_releases_its_lease,
+    a_panicking_computation_releases_its_lease,
     stale_value_is_served_while_one_caller_refreshes,
     background_refresh_serves_every_caller_stale,
     stale_refresh_runs_once_across_processes,
@@ -287,6 +290,13 @@ async fn bad_input_is_refused(client: &Client) {
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{namespace:?}");
     }
+    for lease in [
+        rediskit::MAX_LEASE_TTL + Duration::from_secs(1),
+        Duration::MAX,
+    ] {
+        let err = Cache::builder(client).lease_ttl(lease).build().unwrap_err();
+        assert!(err.message().contains("lease_ttl"), "{err}");
+    }
     // Keys with glob, hash-tag and separator characters are fine and stored as they are.
     cache.set("a*{b}:[c]?", &1).await.unwrap();
     assert_eq!(cache.get::<i32>("a*{b}:[c]?").await.unwrap(), Some(1));
@@ -491,6 +501,121 @@ async fn a_failed_lease_holder_hands_over(client: &Client) {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// When the process holding the lease fails, the processes waiting for it bid again, and one of
+/// them computes while the others wait for its value: once in the fleet, not once per waiter.
+async fn a_failed_lease_holder_hands_over_to_one_waiter(client: &Client) {
+    let process = || {
+        Cache::builder(client)
+            .lease_ttl(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let failing = process();
+    let failing = tokio::spawn(async move {
+        failing
+            .try_get_or_set("handover-one", ttl::SHORT, || async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                Err::<i32, rediskit::Error>(rediskit::Error::new(ErrorKind::Backend, "boom"))
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, runs) = (process(), runs.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_set("handover-one", ttl::SHORT, || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        12
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap(), 12);
+    }
+    assert!(failing.await.unwrap().is_err());
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one waiter took over");
+}
+
+/// A computation whose caller is cancelled (an HTTP client gone, say) releases its lease: a
+/// caller waiting for the key, here or in another process, computes at once instead of waiting
+/// out the lease.
+async fn a_cancelled_computation_releases_its_lease(client: &Client) {
+    a_lease_holder_that_never_returns_releases(client, "cancelled", |holder| holder.abort()).await;
+}
+
+/// A computation that panics releases its lease too.
+async fn a_panicking_computation_releases_its_lease(client: &Client) {
+    a_lease_holder_that_never_returns_releases(client, "panicking", |_| {}).await;
+}
+
+/// A process computes `key` and never returns: `end` aborts its task, or (doing nothing) lets it
+/// panic. A caller in this process and one in another get the key long before the 30 s lease
+/// would have expired, and no lease is left.
+async fn a_lease_holder_that_never_returns_releases(
+    client: &Client,
+    key: &'static str,
+    end: impl FnOnce(&tokio::task::JoinHandle<i32>),
+) {
+    let process = || {
+        Cache::builder(client)
+            .lease_ttl(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (holder_process, other_process) = (process(), process());
+    let panics = key == "panicking";
+    let holding = holder_process.clone();
+    let holder = tokio::spawn(async move {
+        holding
+            .get_or_set(key, ttl::SHORT, || async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(!panics, "the computation panics");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                1
+            })
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let here = {
+        let cache = holder_process.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_set(key, ttl::SHORT, || async { 2 })
+                .await
+                .unwrap()
+        })
+    };
+    let elsewhere = tokio::spawn(async move {
+        other_process
+            .get_or_set(key, ttl::SHORT, || async { 3 })
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    end(&holder);
+
+    // Far below the 30 s lease, far above any machine's slowness.
+    let bound = Duration::from_secs(10);
+    let here = tokio::time::timeout(bound, here).await;
+    let elsewhere = tokio::time::timeout(bound, elsewhere).await;
+    let (here, elsewhere) = (here.unwrap().unwrap(), elsewhere.unwrap().unwrap());
+    assert!(
+        [(2, 2), (3, 3)].contains(&(here, elsewhere)),
+        "one of them computed, the other got its value: {here}, {elsewhere}"
+    );
+    assert!(holder.await.is_err(), "the holder never returned");
+    let leases: Vec<String> = Cache::new(client).keys("").try_collect().await.unwrap();
+    assert_eq!(leases, vec![key.to_owned()], "only the value is left");
 }
 
 /// TTL of the stale-while-revalidate cases: short, so that a test can sleep past it.

@@ -161,6 +161,44 @@ async fn foreign_and_corrupted_bytes_are_misses() {
     assert_eq!(cache.stats().corrupt, cases.len() as u64);
 }
 
+/// A cache key holding another Redis type (a hash, left by another program) is a counted miss,
+/// as `MGET` and `memory://` answer, on every read path (`GET`, the stale window's script, the
+/// near-cache's); `get_or_set` computes and its write replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_is_a_miss() {
+    let backend = common::Backend::redis().await;
+    let server = backend.server.as_ref().unwrap();
+    let caches = [
+        Cache::new(&backend.client),
+        Cache::builder(&backend.client)
+            .namespace("stale")
+            .stale_while_revalidate(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+        Cache::builder(&backend.client)
+            .namespace("near")
+            .near_cache(rediskit::NearCacheConfig::default())
+            .build()
+            .unwrap(),
+    ];
+    for cache in &caches {
+        let redis_key = cache.redis_key("hashed").unwrap();
+        let _: u64 = cmd(server, &[b"HSET", redis_key.as_bytes(), b"f", b"v"]);
+
+        assert_eq!(cache.get::<i32>("hashed").await.unwrap(), None);
+        let many = cache.get_many::<i32>(&["hashed"]).await.unwrap();
+        assert_eq!(many, vec![None]);
+        let computed = cache
+            .get_or_set("hashed", ttl::SHORT, || async { 7 })
+            .await
+            .unwrap();
+
+        assert_eq!(computed, 7);
+        assert_eq!(cache.get::<i32>("hashed").await.unwrap(), Some(7));
+        assert!(cache.stats().corrupt >= 2, "{:?}", cache.stats());
+    }
+}
+
 /// Deleting an undecodable value never removes a good value written in its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarding_spares_a_fresh_value() {
