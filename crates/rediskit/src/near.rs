@@ -976,6 +976,9 @@ pub(crate) struct Ticket {
     state: u64,
     hash: u64,
     changes: u64,
+    /// When it was taken, before the read was sent: an entry's age counts from here, since the
+    /// TTL the read brings back was Redis's then, not when the reply arrives.
+    issued: Instant,
 }
 
 /// The entries under one prefix (one cache namespace, or the sessions), with their counters.
@@ -1170,17 +1173,20 @@ impl NearStore {
     /// A ticket to keep the reply of a read of `key` about to be sent; `None` while this store
     /// is not live (then the reply must not be kept).
     pub(crate) fn ticket(&self, key: &str) -> Option<Ticket> {
-        let state = self.ready(Instant::now())?;
+        let issued = Instant::now();
+        let state = self.ready(issued)?;
         let (hash, shard, bucket) = self.locate(key);
         Some(Ticket {
             state,
             hash,
             changes: shard.changes[bucket],
+            issued,
         })
     }
 
     /// Keeps `value` for `field` of `key` for at most the max age (and `ttl`, the key's time
-    /// left in Redis), if `ticket` is still good. True if kept.
+    /// left in Redis), both counted from when `ticket` was taken, if `ticket` is still good.
+    /// True if kept.
     pub(crate) fn insert(
         &self,
         ticket: Ticket,
@@ -1190,7 +1196,10 @@ impl NearStore {
         ttl: Option<Duration>,
     ) -> bool {
         let age = ttl.map_or(self.config.max_age, |ttl| ttl.min(self.config.max_age));
-        if age.is_zero() {
+        // Counted from the ticket: a reply that took long to come (a slow link) is kept only
+        // for what is left of the key's time in Redis, not the whole of it again.
+        let expires = ticket.issued + age;
+        if expires <= Instant::now() {
             return false;
         }
         let (hash, mut shard, bucket) = self.locate(key);
@@ -1208,7 +1217,7 @@ impl NearStore {
         let item = Item {
             field: field.into(),
             value: value.into(),
-            expires: Instant::now() + age,
+            expires,
         };
         let size = item.size(key);
         if size > self.shard_bytes {

@@ -404,6 +404,56 @@ async fn entries_never_outlive_the_redis_ttl() {
     assert_eq!(cache.get::<String>("brief").await.unwrap(), None);
 }
 
+/// An entry's time counts from when its read was sent, not from when the reply came: behind a
+/// slow link (a proxy delaying the pool's replies by 250 ms) a key with a second left is not
+/// held past its expiry in Redis (active expiry off, so no invalidation comes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reply_is_held_no_longer_than_its_key_lives() {
+    // Arrange
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let _: () = redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query(&mut server.admin())
+        .unwrap();
+    let proxy = FaultProxy::for_server(&server);
+    let a = client(&proxy.url()).await;
+    a.set_near_cache_target(&server.url()).unwrap();
+    let b = client(&server.url()).await;
+    let held = near(&a, NearCacheConfig::default());
+    let other = Cache::builder(&b).namespace("hot").build().unwrap();
+    other.set("warm", "w").await.unwrap();
+    until_near_hit(&held, "warm").await;
+    let invalidations = held.stats().near.invalidations;
+    other
+        .set_with_ttl("brief", "v", Duration::from_millis(1000))
+        .await
+        .unwrap();
+    let written = Instant::now();
+    while held.stats().near.invalidations == invalidations {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // Act: a read whose reply takes 250 ms, then reads until past the key's expiry.
+    proxy.latency(Duration::from_millis(250));
+    let read = held.get::<String>("brief").await.unwrap();
+    proxy.pass();
+    let hits = held.stats().near.hits;
+    let served = held.get::<String>("brief").await.unwrap();
+    let held_then = held.stats().near.hits > hits;
+    tokio::time::sleep(
+        (written + Duration::from_millis(1100)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let late = held.get::<String>("brief").await.unwrap();
+
+    // Assert
+    assert_eq!(read.as_deref(), Some("v"));
+    assert_eq!(served.as_deref(), Some("v"));
+    assert!(held_then, "the slow reply was kept while the key lived");
+    assert_eq!(late, None, "held past the key's expiry in Redis");
+}
+
 /// The race of client-side caching, end to end: a `GET` whose reply is slow (a proxy delays the
 /// pool's replies by 200 ms) while another client writes the key and the invalidation arrives
 /// first (tracking is direct) returns the old value — but does not keep it.
