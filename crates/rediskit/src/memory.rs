@@ -266,97 +266,111 @@ impl MemoryStore {
 }
 
 /// Redis's glob: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`, and `\x` for a literal `x`.
+///
+/// Redis's own matcher (`stringmatchlen` in its util.c, 7.0) step for step, so that `memory://`
+/// lists what `SCAN MATCH` would, malformed patterns included: a class that never closes runs
+/// to the end of the pattern, a `]` right after `-` is a range's end, a range's bounds compare
+/// as C's signed `char`s, and past 1,000 nested stars nothing matches.
 pub(crate) fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    // Where to resume after the last `*`: (pattern index after it, text index it matched up to).
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                b'*' => {
-                    star = Some((p + 1, t));
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    t += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((matched, next)) = class_match(pattern, p, text[t])
-                        && matched
-                    {
-                        p = next;
-                        t += 1;
-                        continue;
-                    }
-                }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == text[t] {
-                        p += 2;
-                        t += 1;
-                        continue;
-                    }
-                }
-                c => {
-                    if c == text[t] {
-                        p += 1;
-                        t += 1;
-                        continue;
-                    }
-                }
-            }
-        }
-        match star {
-            Some((after, matched)) => {
-                p = after;
-                t = matched + 1;
-                star = Some((after, matched + 1));
-            }
-            None => return false,
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
+    let mut skip_longer = false;
+    glob_from(pattern, 0, text, 0, &mut skip_longer, 0)
 }
 
-/// Matches `c` against the class starting at `pattern[open] == b'['`; returns whether it matched
-/// and the index after the closing `]`, or `None` for a class that never closes (Redis then
-/// treats the rest of the pattern as the class, which can't match more text).
-fn class_match(pattern: &[u8], open: usize, c: u8) -> Option<(bool, usize)> {
-    let mut i = open + 1;
-    let negate = pattern.get(i) == Some(&b'^');
-    if negate {
-        i += 1;
+/// [`glob_match`] of `pattern[p..]` against `text[t..]`. `skip_longer` is set once a star failed
+/// against all of the text: a longer match for an earlier star can only fail too.
+fn glob_from(
+    pattern: &[u8],
+    mut p: usize,
+    text: &[u8],
+    mut t: usize,
+    skip_longer: &mut bool,
+    nesting: usize,
+) -> bool {
+    if nesting > 1000 {
+        return false;
     }
-    let mut matched = false;
-    loop {
-        match pattern.get(i)? {
-            b']' => break,
+    // Redis's pattern is a C string: reading past its end finds a NUL.
+    let at = |i: usize| pattern.get(i).copied().unwrap_or(0);
+    while p < pattern.len() && t < text.len() {
+        match pattern[p] {
+            b'*' => {
+                while at(p + 1) == b'*' {
+                    p += 1;
+                }
+                if p + 1 == pattern.len() {
+                    return true;
+                }
+                while t < text.len() {
+                    if glob_from(pattern, p + 1, text, t, skip_longer, nesting + 1) {
+                        return true;
+                    }
+                    if *skip_longer {
+                        return false;
+                    }
+                    t += 1;
+                }
+                *skip_longer = true;
+                return false;
+            }
+            b'?' => t += 1,
+            b'[' => {
+                p += 1;
+                let negate = at(p) == b'^';
+                if negate {
+                    p += 1;
+                }
+                let mut matched = false;
+                loop {
+                    let left = pattern.len() - p;
+                    if at(p) == b'\\' && left >= 2 {
+                        p += 1;
+                        matched |= pattern[p] == text[t];
+                    } else if at(p) == b']' {
+                        break;
+                    } else if left == 0 {
+                        // Unclosed: the class ends with the pattern (the step below undoes this).
+                        p -= 1;
+                        break;
+                    } else if left >= 3 && pattern[p + 1] == b'-' {
+                        let (low, high) = (pattern[p] as i8, pattern[p + 2] as i8);
+                        let (low, high) = if low > high { (high, low) } else { (low, high) };
+                        matched |= (low..=high).contains(&(text[t] as i8));
+                        p += 2;
+                    } else {
+                        matched |= pattern[p] == text[t];
+                    }
+                    p += 1;
+                }
+                if matched == negate {
+                    return false;
+                }
+                t += 1;
+            }
             b'\\' => {
-                let literal = *pattern.get(i + 1)?;
-                matched |= literal == c;
-                i += 2;
+                if pattern.len() - p >= 2 {
+                    p += 1;
+                }
+                if pattern[p] != text[t] {
+                    return false;
+                }
+                t += 1;
             }
-            &low if pattern.get(i + 1) == Some(&b'-')
-                && pattern.get(i + 2).is_some_and(|&h| h != b']') =>
-            {
-                let high = pattern[i + 2];
-                let (low, high) = if low <= high {
-                    (low, high)
-                } else {
-                    (high, low)
-                };
-                matched |= (low..=high).contains(&c);
-                i += 3;
-            }
-            &literal => {
-                matched |= literal == c;
-                i += 1;
+            literal => {
+                if literal != text[t] {
+                    return false;
+                }
+                t += 1;
             }
         }
+        p += 1;
+        if t == text.len() {
+            while at(p) == b'*' {
+                p += 1;
+            }
+            break;
+        }
     }
-    Some((matched != negate, i + 1))
+    p >= pattern.len() && t == text.len()
 }
 
 #[cfg(test)]
@@ -378,6 +392,13 @@ mod tests {
             ("a\\[b\\]", "a[b]"),
             ("*b*", "abc"),
             ("a**", "a"),
+            // Malformed, as Redis reads them: an unclosed class runs to the pattern's end, `-`
+            // before `]` makes a range from `]` (0x5D) to `a`, a lone `\` is itself.
+            ("[abc", "b"),
+            ("a[b", "ab"),
+            ("[a-]", "`"),
+            ("[\\", "\\"),
+            ("a\\", "a\\"),
         ];
         for (pattern, text) in yes {
             assert!(
@@ -392,6 +413,7 @@ mod tests {
             ("[^abc]x", "ax"),
             ("rk:cache:ns:*", "rk:cache:other:1"),
             ("abc", "abcd"),
+            ("[a-]", "-"),
         ];
         for (pattern, text) in no {
             assert!(

@@ -834,7 +834,12 @@ fn reference_match(parts: &[Glob], text: &[u8]) -> bool {
             let c = text[0];
             let hit = items.iter().any(|item| match *item {
                 ClassItem::Byte(b) | ClassItem::Escaped(b) => b == c,
-                ClassItem::Range(a, b) => (a.min(b)..=a.max(b)).contains(&c),
+                // Redis compares a range's bytes as C `char`s, signed on x86-64 and most
+                // targets: `[a-\xC3]` spans `\xC3`..=`a` through the bytes above 0x7F.
+                ClassItem::Range(a, b) => {
+                    let (a, b, c) = (a as i8, b as i8, c as i8);
+                    (a.min(b)..=a.max(b)).contains(&c)
+                }
             });
             one(hit != *negate)
         }

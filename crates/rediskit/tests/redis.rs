@@ -199,6 +199,39 @@ async fn a_key_of_another_type_is_a_miss() {
     }
 }
 
+/// `memory://` lists with a glob exactly what Redis's `SCAN MATCH` does, malformed patterns
+/// included (a class never closed, a range ending in `]`, a trailing backslash, bytes above 0x7F in a
+/// range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_globs_match_what_redis_matches() {
+    let redis = common::Backend::redis().await;
+    let memory = common::Backend::memory().await;
+    let keys = [
+        "a", "ab", "abc", "ac", "a]", "a-", "a\\", "a`", "a[b", "a^", "a*", "aé", "a~", "b", "é",
+        "]", "-", "[", "^x", "zz",
+    ];
+    let patterns = [
+        "[abc", "a[b", "a[a-]", "[\\", "a[\\", "a[]", "a[]]", "a[^]", "a[^", "a[a-é]", "a[é-a]",
+        "[^a-z]*", "a\\", "a[!b]", "*[", "a[b-", "a[-b]", "a?", "\\a*", "[]a]*", "a[a-c-e]", "*\\",
+        "a[\\]]", "[", "*]*", "a[z-a]",
+    ];
+    let caches = [Cache::new(&redis.client), Cache::new(&memory.client)];
+    for cache in &caches {
+        for key in keys {
+            cache.set(key, &1).await.unwrap();
+        }
+    }
+    for pattern in patterns {
+        let mut listed = Vec::new();
+        for cache in &caches {
+            let mut keys: Vec<String> = cache.keys_matching(pattern).try_collect().await.unwrap();
+            keys.sort();
+            listed.push(keys);
+        }
+        assert_eq!(listed[1], listed[0], "memory:// and Redis on {pattern:?}");
+    }
+}
+
 /// Deleting an undecodable value never removes a good value written in its place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discarding_spares_a_fresh_value() {
