@@ -183,6 +183,11 @@ pub struct Claims {
     pub jti: String,
 }
 
+/// Seconds before its issue that an access token is valid from (its `nbf`): another instance
+/// whose clock runs up to this much behind the issuer's accepts a token at once, where a `nbf` of
+/// the issue second would refuse it for as long as the clocks differ. Expiry keeps no leeway.
+pub const NOT_BEFORE_SKEW: u64 = 5;
+
 /// Issues and verifies HS256 access tokens. Cheap to clone.
 #[derive(Clone)]
 pub struct AccessTokens {
@@ -244,7 +249,8 @@ impl AccessTokens {
         self.inner.ttl
     }
 
-    /// A token for `session`, held by user `username`.
+    /// A token for `session`, held by user `username`. It is valid from [`NOT_BEFORE_SKEW`]
+    /// seconds before it was issued, for instances whose clocks run a little behind this one's.
     pub fn issue(&self, session: &Session, username: &str) -> Result<String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -257,7 +263,7 @@ impl AccessTokens {
             sid: session.session_id.clone(),
             name: username.to_owned(),
             iat: now,
-            nbf: now,
+            nbf: now.saturating_sub(NOT_BEFORE_SKEW),
             exp: now + self.inner.ttl.as_secs(),
             jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
         };

@@ -14,7 +14,9 @@ use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rediskit::web::{AccessTokens, Auth, Authenticated, RateLimitLayer, health_router};
+use rediskit::web::{
+    AccessTokens, Auth, Authenticated, NOT_BEFORE_SKEW, RateLimitLayer, health_router,
+};
 use rediskit::{Client, Config, Quota, RateLimiter, Sessions};
 use tower::ServiceExt;
 
@@ -258,6 +260,37 @@ async fn health_router_reports() {
     let response = call(&app, "/health/redis", None).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(response).await["status"], "unhealthy");
+}
+
+/// A token issued by an instance whose clock runs a few seconds ahead is accepted at once: an
+/// access token is valid from `NOT_BEFORE_SKEW` seconds before its issue.
+#[tokio::test]
+async fn a_token_from_an_instance_a_little_ahead_is_accepted() {
+    let (app, state) = setup().await;
+    let issued = state
+        .auth
+        .sessions
+        .create("user-1", "d", None, None)
+        .await
+        .unwrap();
+    let token = state.auth.tokens.issue(&issued.session, "a").unwrap();
+    let claims = state.auth.tokens.verify(&token).unwrap();
+    assert_eq!(claims.nbf + NOT_BEFORE_SKEW, claims.iat);
+
+    // As such an instance issues it, three seconds ahead of this one.
+    let ahead = now() + 3;
+    let claims = serde_json::json!({"sub": "user-1", "sid": issued.session.session_id,
+        "name": "a", "iat": ahead, "nbf": ahead - NOT_BEFORE_SKEW, "exp": ahead + 600, "jti": "x"});
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&app, "/me", Some(&token)).await.status(),
+        StatusCode::OK
+    );
 }
 
 /// The rate-limit layer adds the `RateLimit-*` headers to every response it passes and answers
