@@ -1356,7 +1356,9 @@ mod engine {
                 return (RotateReply::Unknown, ttl);
             }
             let rotated = Record {
-                generation: record.generation + 1,
+                // As the client packs it for the script (`RotateArgs::packed`): after 2^32
+                // rotations the count starts again at 0, never a panic.
+                generation: record.generation.wrapping_add(1),
                 hash: *args.next,
                 last_used: now,
                 expires: now.saturating_add(args.ttl),
@@ -1367,7 +1369,8 @@ mod engine {
             let (_, ttl) = sweep(map, args.idle, now);
             return (RotateReply::Current(rotated), ttl);
         }
-        if args.generation + 1 == record.generation
+        // Compared as the script's Lua numbers do, without wrapping.
+        if u64::from(args.generation) + 1 == u64::from(record.generation)
             && args.grace > 0
             && now.saturating_sub(record.rotated) <= args.grace
         {
@@ -1587,6 +1590,37 @@ mod tests {
             assert!(check_device(&device).is_ok());
         }
         assert!(check_device(&"d".repeat(MAX_DEVICE_LEN + 1)).is_err());
+    }
+
+    /// The memory engine's rotation at the last generation a record can count (2^32 - 1) starts
+    /// again at 0, as the client packs it for the script, and neither engine step panics.
+    #[test]
+    fn the_memory_engine_rotates_past_the_last_generation() {
+        let record = Record {
+            generation: u32::MAX,
+            hash: [1; HASH_LEN],
+            created: 10,
+            last_used: 10,
+            expires: 1_000,
+            rotated: 10,
+            device: "d".into(),
+            metadata: Vec::new(),
+        };
+        let mut map = HashMap::from([("sid".to_owned(), record.encode())]);
+        let args = |generation| RotateArgs {
+            sid: "sid",
+            generation,
+            presented: &[1; HASH_LEN],
+            next: &[2; HASH_LEN],
+            ttl: 100,
+            idle: 0,
+            grace: 60,
+        };
+        let (reply, _) = engine::rotate(&mut map, &args(u32::MAX), 20);
+        assert!(matches!(reply, RotateReply::Current(ref r) if r.generation == 0));
+        // The token before it is not "the previous generation" of 0, as in the script.
+        let (reply, _) = engine::rotate(&mut map, &args(u32::MAX), 21);
+        assert!(matches!(reply, RotateReply::Unknown));
     }
 
     /// Rounding of lifetimes never ends a session early.
