@@ -124,6 +124,11 @@ impl Codec {
             return Err(DecodeError::Flags(*flags));
         }
         match flags >> 4 {
+            // The limit holds for reads too, as documented: a plain value over it (written by a
+            // program with a larger limit, or another one) is not parsed.
+            COMPRESSION_NONE if rest.len() > self.max_value_size => {
+                Err(DecodeError::TooLarge(rest.len()))
+            }
             COMPRESSION_NONE => Ok(Cow::Borrowed(rest)),
             COMPRESSION_LZ4 => {
                 let Some((length, compressed)) = rest.split_first_chunk::<LENGTH>() else {
@@ -270,7 +275,7 @@ mod tests {
         ));
     }
 
-    /// Values over the size limit are refused when written.
+    /// Values over the size limit are refused when written, and when read, compressed or not.
     #[test]
     fn oversized_values_are_refused() {
         let codec = Codec {
@@ -279,5 +284,18 @@ mod tests {
         };
         let err = codec.encode(&"x".repeat(200)).unwrap_err();
         assert!(err.is_invalid_input());
+        let larger = Codec {
+            max_value_size: 1 << 20,
+            ..Codec::default()
+        };
+        for len in [200, 5_000] {
+            let stored = larger.encode(&"x".repeat(len)).unwrap();
+            assert!(matches!(
+                codec.decode::<String>(&stored),
+                Err(DecodeError::TooLarge(_))
+            ));
+        }
+        let fits = larger.encode(&"x".repeat(90)).unwrap();
+        assert_eq!(codec.decode::<String>(&fits).unwrap(), "x".repeat(90));
     }
 }
