@@ -31,6 +31,32 @@ fn near(client: &Client, config: NearCacheConfig) -> Cache {
         .unwrap()
 }
 
+/// A near-cache whose pool reaches `server` through a fault proxy (its tracking connection
+/// goes direct), serving already, and a cache of the same namespace on another client.
+async fn held_behind_a_proxy(server: &RedisServer) -> (FaultProxy, Cache, Cache) {
+    let proxy = FaultProxy::for_server(server);
+    let a = client(&proxy.url()).await;
+    a.set_near_cache_target(&server.url()).unwrap();
+    let b = client(&server.url()).await;
+    let held = near(&a, NearCacheConfig::default());
+    let other = Cache::builder(&b).namespace("hot").build().unwrap();
+    other.set("warm", "w").await.unwrap();
+    until_near_hit(&held, "warm").await;
+    (proxy, held, other)
+}
+
+/// A server that deletes an expired key only when it is read (`DEBUG SET-ACTIVE-EXPIRE 0`), so
+/// that no invalidation comes when a key's time is up.
+fn server_without_active_expiry() -> RedisServer {
+    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let _: () = redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query(&mut server.admin())
+        .unwrap();
+    server
+}
+
 /// Reads `key` until reads are served from memory: the tracking connection is up, the prefix
 /// tracked, and the invalidation of the test's own last write (which comes back too) has passed
 /// — two reads 20 ms apart are hits. Panics after 5 s.
@@ -369,12 +395,7 @@ async fn entries_expire_after_the_max_age() {
 /// (active expiry off, so no invalidation comes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_never_outlive_the_redis_ttl() {
-    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let _: () = redis::cmd("DEBUG")
-        .arg("SET-ACTIVE-EXPIRE")
-        .arg(0)
-        .query(&mut server.admin())
-        .unwrap();
+    let server = server_without_active_expiry();
     let a = client(&server.url()).await;
     let cache = near(&a, NearCacheConfig::default());
     cache.set("warm", "w").await.unwrap();
@@ -410,20 +431,8 @@ async fn entries_never_outlive_the_redis_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reply_is_held_no_longer_than_its_key_lives() {
     // Arrange
-    let server = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let _: () = redis::cmd("DEBUG")
-        .arg("SET-ACTIVE-EXPIRE")
-        .arg(0)
-        .query(&mut server.admin())
-        .unwrap();
-    let proxy = FaultProxy::for_server(&server);
-    let a = client(&proxy.url()).await;
-    a.set_near_cache_target(&server.url()).unwrap();
-    let b = client(&server.url()).await;
-    let held = near(&a, NearCacheConfig::default());
-    let other = Cache::builder(&b).namespace("hot").build().unwrap();
-    other.set("warm", "w").await.unwrap();
-    until_near_hit(&held, "warm").await;
+    let server = server_without_active_expiry();
+    let (proxy, held, other) = held_behind_a_proxy(&server).await;
     let invalidations = held.stats().near.invalidations;
     other
         .set_with_ttl("brief", "v", Duration::from_millis(1000))
@@ -460,14 +469,7 @@ async fn a_slow_reply_is_held_no_longer_than_its_key_lives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_overtaken_by_its_invalidation_is_not_kept() {
     let server = RedisServer::start();
-    let proxy = FaultProxy::for_server(&server);
-    let a = client(&proxy.url()).await;
-    a.set_near_cache_target(&server.url()).unwrap();
-    let b = client(&server.url()).await;
-    let held = near(&a, NearCacheConfig::default());
-    let other = Cache::builder(&b).namespace("hot").build().unwrap();
-    other.set("warm", "w").await.unwrap();
-    until_near_hit(&held, "warm").await;
+    let (proxy, held, other) = held_behind_a_proxy(&server).await;
     other.set("k", "v1").await.unwrap();
 
     // Reads before this one may have raced too (under load, the invalidations of the writes

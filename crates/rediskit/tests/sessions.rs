@@ -729,14 +729,7 @@ async fn creations_sweep_ended_sessions_every_eighth_record() {
     let ninth = store.create("bob", "ninth", minute, None).await.unwrap();
     assert_eq!(command_calls(server, "hgetall"), 1);
     assert_eq!(hlen(), 3, "the ended records were not swept");
-    let mut listed: Vec<String> = store
-        .sessions("bob")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.session_id)
-        .collect();
-    listed.sort();
+    let listed = listed_ids(&store, "bob").await;
     let mut live = vec![
         kept.session.session_id,
         eighth.session.session_id,
@@ -1506,6 +1499,19 @@ async fn an_abandoned_operation_is_not_sent() {
     assert_eq!(store.stats().coalesced_calls, 0);
 }
 
+/// The ids of `user`'s live sessions, sorted.
+async fn listed_ids(store: &Sessions, user: &str) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .sessions(user)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// A record as the scripts store it (docs/keys.md): generation 0, a zero hash, created, last
 /// used and rotated at `created`, ending at `expires`, on device "old".
 fn planted_record(created: u32, expires: u32) -> Vec<u8> {
@@ -1618,14 +1624,7 @@ async fn ties_are_evicted_in_byte_order_whatever_the_servers_locale() {
 
     // Assert
     assert_eq!(created.evicted, 1);
-    let mut listed: Vec<String> = store
-        .sessions("tie")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.session_id)
-        .collect();
-    listed.sort();
+    let listed = listed_ids(&store, "tie").await;
     let mut kept = vec![second.to_owned(), created.session.session_id];
     kept.sort();
     assert_eq!(

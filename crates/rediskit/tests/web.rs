@@ -98,17 +98,22 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// A live session of "user-1".
+async fn live_session(state: &AppState) -> rediskit::Issued {
+    state
+        .auth
+        .sessions
+        .create("user-1", "d", None, None)
+        .await
+        .unwrap()
+}
+
 /// A valid token of a live session passes; after the session is revoked the same token is
 /// refused at once.
 #[tokio::test]
 async fn extractor_checks_the_session_is_live() {
     let (app, state) = setup().await;
-    let issued = state
-        .auth
-        .sessions
-        .create("user-1", "d", None, None)
-        .await
-        .unwrap();
+    let issued = live_session(&state).await;
     let token = state.auth.tokens.issue(&issued.session, "alice").unwrap();
     let response = call(&app, "/me", Some(&token)).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -142,12 +147,7 @@ async fn missing_header_says_what_to_send() {
 #[tokio::test]
 async fn forged_and_stale_tokens_are_refused() {
     let (app, state) = setup().await;
-    let issued = state
-        .auth
-        .sessions
-        .create("user-1", "d", None, None)
-        .await
-        .unwrap();
+    let issued = live_session(&state).await;
     let sid = issued.session.session_id.clone();
     let claims = |iat: u64, nbf: u64, exp: u64, sid: &str| serde_json::json!({"sub": "user-1", "sid": sid, "name": "a", "iat": iat, "nbf": nbf, "exp": exp, "jti": "x"});
     let good = claims(now(), now(), now() + 600, &sid);
@@ -225,12 +225,7 @@ async fn forged_and_stale_tokens_are_refused() {
 #[tokio::test]
 async fn unavailable_store_is_503() {
     let (app, state) = setup().await;
-    let issued = state
-        .auth
-        .sessions
-        .create("user-1", "d", None, None)
-        .await
-        .unwrap();
+    let issued = live_session(&state).await;
     let token = state.auth.tokens.issue(&issued.session, "alice").unwrap();
     state.client.close().await;
     let response = call(&app, "/me", Some(&token)).await;
@@ -267,12 +262,7 @@ async fn health_router_reports() {
 #[tokio::test]
 async fn a_token_from_an_instance_a_little_ahead_is_accepted() {
     let (app, state) = setup().await;
-    let issued = state
-        .auth
-        .sessions
-        .create("user-1", "d", None, None)
-        .await
-        .unwrap();
+    let issued = live_session(&state).await;
     let token = state.auth.tokens.issue(&issued.session, "a").unwrap();
     let claims = state.auth.tokens.verify(&token).unwrap();
     assert_eq!(claims.nbf + NOT_BEFORE_SKEW, claims.iat);
