@@ -274,7 +274,7 @@ mod tests {
         }
         let parsed: Error = redis::make_extension_error("WRONGTYPE".into(), None).into();
         assert_eq!(parsed.kind(), ErrorKind::Backend);
-        assert!(parsed.is_wrong_type() && !parsed.duplicate().is_read_only());
+        assert!(parsed.is_wrong_type() && parsed.duplicate().is_wrong_type());
         // Redis answered: unavailable for the caller, but not a connection failure.
         let oom: Error = redis::make_extension_error("OOM".into(), None).into();
         assert!(!oom.is_connection_failure());
