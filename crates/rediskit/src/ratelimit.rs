@@ -77,9 +77,21 @@ impl Quota {
                 "quota limit + burst must be at most 1000000",
             ));
         }
+        // The window a full burst spans: the script's exact arithmetic needs it (added to the
+        // clock in µs) under 2^53, and no sane quota comes near.
+        let window = self.period.as_micros() * u128::from(self.capacity()) / u128::from(self.limit);
+        if window > MAX_WINDOW.as_micros() {
+            return Err(Error::invalid(format!(
+                "quota period * (limit + burst) / limit must be at most 100 years, got {} days",
+                window / 86_400_000_000
+            )));
+        }
         Ok(())
     }
 }
+
+/// The longest a quota's full burst may span (`period * (limit + burst) / limit`): 100 years.
+const MAX_WINDOW: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// What to answer when Redis cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,7 +118,7 @@ pub struct Decision {
     pub reset_after: Duration,
     /// When refused: time until the same request would pass, for `Retry-After`.
     pub retry_after: Option<Duration>,
-    /// True when Redis was unavailable and the [`FailurePolicy`] decided.
+    /// True when Redis could not decide (unavailable, or an error) and the [`FailurePolicy`] did.
     pub degraded: bool,
 }
 
@@ -118,7 +130,8 @@ pub struct RateLimitStats {
     pub allowed: u64,
     /// Requests refused (degraded ones included).
     pub rejected: u64,
-    /// Decisions made by the failure policy because Redis was unavailable.
+    /// Decisions made by the failure policy because Redis could not decide (unavailable, or
+    /// answering an error).
     pub degraded: u64,
     /// Script calls that carried several decisions at once: concurrent callers' decisions leave
     /// as one `EVALSHA` when calls of this limiter are already in flight (as sessions' do).
@@ -136,8 +149,10 @@ pub struct RateLimitStats {
 /// under any concurrency and across service instances, timed by Redis's clock. Under load,
 /// concurrent decisions of one limiter leave as one script call that makes each in turn
 /// ([`RateLimitStats::coalesced_calls`]), except on a Redis Cluster. The key expires when the
-/// caller is back to full capacity. When Redis is unavailable, the [`FailurePolicy`] answers, the
-/// decision says `degraded`, and [`RateLimitStats::degraded`] counts it.
+/// caller is back to full capacity. When Redis is unavailable, or answers an error instead of a
+/// decision (a key holding something else, `MISCONF`, `NOPERM`), the [`FailurePolicy`] answers,
+/// the decision says `degraded`, and [`RateLimitStats::degraded`] counts it (errors other than
+/// unavailability are logged as warnings). Only invalid input is an `Err`.
 #[derive(Clone, Debug)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
@@ -229,7 +244,8 @@ impl RateLimiter {
         self.check_n(key, 1).await
     }
 
-    /// Decides a request costing `cost` units (1 to `limit + burst`).
+    /// Decides a request costing `cost` units (1 to `limit + burst`). `Err` only for invalid
+    /// input (an empty or overlong key, a cost out of range).
     pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
         let redis_key = self.redis_key(key)?;
         let quota = self.inner.quota;
@@ -243,9 +259,7 @@ impl RateLimiter {
         let outcome = match self.inner.client.memory() {
             Err(err) => Err(err),
             Ok(Some(memory)) => Ok(memory.update_bytes(&redis_key, |stored| {
-                let tat = stored
-                    .and_then(|bytes| std::str::from_utf8(bytes).ok())
-                    .and_then(|text| text.parse::<u64>().ok());
+                let tat = stored.and_then(parse_tat);
                 gcra(tat, now_micros(), period_us, quota, cost)
             })),
             Ok(None) => {
@@ -273,10 +287,18 @@ impl RateLimiter {
                 retry_after: (allowed != 1).then(|| Duration::from_micros(retry_us)),
                 degraded: false,
             },
-            Err(err) if err.is_unavailable() => {
+            // Redis could not decide: unavailable, or it answered an error (a key holding
+            // something else, a refused write, a permission): the policy decides, as the
+            // limiter promises, and the caller gets a decision, never a Redis error.
+            Err(err) if !err.is_invalid_input() => {
                 self.inner.degraded.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(limiter = %self.inner.name, error = %err,
-                    "rate limiter degraded: redis unavailable");
+                if err.is_unavailable() {
+                    tracing::debug!(limiter = %self.inner.name, error = %err,
+                        "rate limiter degraded: redis unavailable");
+                } else {
+                    tracing::warn!(limiter = %self.inner.name, error = %err,
+                        "rate limiter degraded: redis could not decide");
+                }
                 let allowed = self.inner.policy == FailurePolicy::Open;
                 Decision {
                     allowed,
@@ -314,29 +336,50 @@ fn now_micros() -> u64 {
 
 type GcraOutcome = (u8, u64, u64, u64);
 
-/// `gcra.lua` in Rust, for the memory backend: the decision and what to store (the new TAT in
-/// µs as decimal text, and its time to live).
+/// A stored TAT, as `gcra.lua` writes it: whole µs, then `:n` for n/limit of a µs when not 0.
+fn parse_tat(bytes: &[u8]) -> Option<(u64, u64)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    match text.split_once(':') {
+        Some((whole, n)) => Some((whole.parse().ok()?, n.parse().ok()?)),
+        None => Some((text.parse().ok()?, 0)),
+    }
+}
+
+/// `gcra.lua` in Rust, for the memory backend: the decision and what to store (the new TAT as
+/// `gcra.lua` writes it, and its time to live). Exact, as the script is: times are counted in
+/// 1/limit µs, in which one interval is `period_us`.
 fn gcra(
-    tat: Option<u64>,
+    tat: Option<(u64, u64)>,
     now: u64,
     period_us: u64,
     quota: Quota,
     cost: u32,
 ) -> (GcraOutcome, Option<(Vec<u8>, Duration)>) {
-    let interval = period_us as f64 / f64::from(quota.limit);
-    let tat = tat.unwrap_or(now).max(now) as f64;
-    let now = now as f64;
-    let new_tat = tat + interval * f64::from(cost);
-    let window = interval * f64::from(quota.capacity());
-    if new_tat - now > window {
-        let retry = (new_tat - now - window).ceil() as u64;
-        return ((0, 0, (tat - now).ceil() as u64, retry), None);
+    let unit = u128::from(quota.limit);
+    let ceil_us = |scaled: u128| u64::try_from(scaled.div_ceil(unit)).unwrap_or(u64::MAX);
+    let now_scaled = u128::from(now) * unit;
+    let tat = tat
+        .map(|(whole, n)| u128::from(whole) * unit + u128::from(n))
+        .unwrap_or(now_scaled)
+        .max(now_scaled);
+    let interval = u128::from(period_us);
+    let new_tat = tat + interval * u128::from(cost);
+    let window = interval * u128::from(quota.capacity());
+    let ahead = new_tat - now_scaled;
+    if ahead > window {
+        let outcome = (0, 0, ceil_us(tat - now_scaled), ceil_us(ahead - window));
+        return (outcome, None);
     }
-    let reset = (new_tat - now).ceil();
-    let remaining = ((window - (new_tat - now)) / interval).floor() as u64;
-    let stored = format!("{}", new_tat.ceil() as u64).into_bytes();
-    let ttl = Duration::from_millis(((reset / 1000.0).ceil() as u64).max(1));
-    ((1, remaining, reset as u64, 0), Some((stored, ttl)))
+    let reset = ceil_us(ahead);
+    let remaining = u64::try_from((window - ahead) / interval).unwrap_or(u64::MAX);
+    let (whole, n) = (new_tat / unit, new_tat % unit);
+    let stored = if n > 0 {
+        format!("{whole}:{n}")
+    } else {
+        format!("{whole}")
+    };
+    let ttl = Duration::from_millis(reset.div_ceil(1000).max(1));
+    ((1, remaining, reset, 0), Some((stored.into_bytes(), ttl)))
 }
 
 #[cfg(test)]
@@ -351,7 +394,7 @@ mod tests {
             .map(|&now| {
                 let (outcome, write) = gcra(tat, now, period_us, quota, 1);
                 if let Some((bytes, _)) = write {
-                    tat = String::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+                    tat = parse_tat(&bytes);
                 }
                 outcome
             })
@@ -395,5 +438,78 @@ mod tests {
         assert!(Quota::per_minute(0).validate().is_err());
         assert!(Quota::new(1, Duration::ZERO).validate().is_err());
         assert!(Quota::per_second(10).validate().is_ok());
+        // A burst spanning more than a century (the exact arithmetic's bound).
+        let year = Duration::from_secs(366 * 86_400);
+        assert!(Quota::new(1, year).with_burst(999_999).validate().is_err());
+        assert!(Quota::new(1, year).with_burst(50).validate().is_ok());
+        assert!(Quota::new(1_000_000, year).validate().is_ok());
+    }
+
+    /// A clock reading of today's size, in µs: doubles there are coarser than a µs.
+    const T: u64 = 1_795_000_000_000_000;
+
+    /// Quotas whose interval is not a whole number of µs (and one whose is), down to intervals
+    /// of under a µs.
+    fn odd_quotas() -> Vec<Quota> {
+        vec![
+            Quota::per_minute(3),
+            Quota::per_second(3),
+            Quota::per_second(6),
+            Quota::per_minute(7),
+            Quota::per_minute(9).with_burst(2),
+            Quota::per_second(29),
+            Quota::per_second(43),
+            Quota::new(43, Duration::from_secs(60)),
+            Quota::new(1500, Duration::from_millis(1)),
+        ]
+    }
+
+    /// At one instant exactly `limit + burst` requests pass, `remaining` counts down from
+    /// `limit + burst - 1` to 0, and the next is refused; a request costing the whole capacity
+    /// passes from idle. (Rounding each stored time up to a µs refused the last of them, and
+    /// doubles at today's clock read `remaining` one low.)
+    #[test]
+    fn exact_at_one_instant() {
+        for quota in odd_quotas() {
+            let capacity = u64::from(quota.capacity());
+            let out = run(quota, &vec![T; capacity as usize + 1]);
+            let remaining: Vec<u64> = out.iter().map(|o| o.1).collect();
+            let expected: Vec<u64> = (0..capacity).rev().chain([0]).collect();
+            assert_eq!(remaining, expected, "{quota:?}");
+            assert!(
+                out[..capacity as usize].iter().all(|o| o.0 == 1),
+                "{quota:?}"
+            );
+            assert_eq!(out[capacity as usize].0, 0, "{quota:?}");
+            let period_us = quota.period.as_micros() as u64;
+            let (whole, _) = gcra(None, T, period_us, quota, quota.capacity());
+            assert_eq!(whole.0, 1, "{quota:?}: the whole capacity at once");
+        }
+    }
+
+    /// `gcra.lua` gives the same answers as the memory backend's `gcra`, at one instant (the
+    /// decisions of one script call share Redis's clock reading), for every odd quota: the
+    /// remaining counts, the resets and the retry-afters in µs.
+    #[test]
+    fn the_script_agrees_with_the_engine() {
+        let server = rediskit_testkit::RedisServer::start();
+        let mut conn = server.admin();
+        for (i, quota) in odd_quotas().into_iter().enumerate() {
+            let calls = quota.capacity() as usize + 2;
+            let key = format!("rl:{i}");
+            let mut packed = Vec::new();
+            for value in [quota.limit, quota.capacity(), 1] {
+                packed.extend_from_slice(&value.to_be_bytes());
+            }
+            let script = crate::scripts::GCRA.redis();
+            let mut call = script.prepare_invoke();
+            for _ in 0..calls {
+                call.key(&key)
+                    .arg(quota.period.as_micros().to_string())
+                    .arg(&packed[..]);
+            }
+            let answers: Vec<GcraOutcome> = call.invoke(&mut conn).unwrap();
+            assert_eq!(answers, run(quota, &vec![T; calls]), "{quota:?}");
+        }
     }
 }

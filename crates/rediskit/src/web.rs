@@ -612,7 +612,8 @@ where
                 .unwrap_or_else(|| "unknown".to_owned());
             let decision = match layer.limiter.check(&key).await {
                 Ok(decision) => decision,
-                // Only invalid input can get here, and an address is never invalid: let it pass.
+                // Only invalid input is an error (Redis's own failures get the limiter's
+                // policy), and an address never is: let it pass.
                 Err(_) => return inner.call(request).await,
             };
             if !decision.allowed {

@@ -1,34 +1,91 @@
 -- GCRA rate limit (generic cell rate algorithm): one decision per key (see `each`, prepended).
--- KEYS[i] = a caller's key, holding its theoretical arrival time (TAT) in microseconds.
+-- KEYS[i] = a caller's key, holding its theoretical arrival time (TAT).
 -- For each, ARGV: the period in µs (decimal text), then packed, big-endian: >I4 limit,
 -- >I4 capacity (limit + burst), >I4 cost.
 -- A decision answers {allowed (0/1), remaining, reset_after µs, retry_after µs}.
 -- The clock is Redis's own, read once per call, so every instance of a service shares one
 -- notion of "now"; the decisions of one call are made in turn, each on what the one before wrote.
 -- Keep in step with ratelimit.rs::gcra (the memory backend).
+--
+-- Exact arithmetic. One interval (period / limit) is rarely a whole number of µs, and a TAT kept
+-- in whole µs drifts by up to a µs a request: rounded up, the limit-th request of a burst was
+-- refused and `remaining` read one low. So times are pairs: whole µs, then n/limit of a µs
+-- (0 <= n < limit). The quota's checks keep every whole part and product under 2^53, where Lua's
+-- numbers are exact integers. The TAT is stored as "µs" or "µs:n".
 local call = redis.call
-local unpack_bytes, format = struct.unpack, string.format
-local ceil, floor = math.ceil, math.floor
+local unpack_bytes, format, match = struct.unpack, string.format, string.match
+local floor = math.floor
 local time = call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 
+-- `k` intervals of `step` µs and `rem`/`limit` µs, as a pair.
+local function times(k, step, rem, limit)
+  local extra = k * rem
+  local carry = floor(extra / limit)
+  return k * step + carry, extra - carry * limit
+end
+
+-- a - b for pairs, a >= b.
+local function minus(a, an, b, bn, limit)
+  if an < bn then
+    return a - b - 1, an - bn + limit
+  end
+  return a - b, an - bn
+end
+
 local function decide(key, period, packed)
   local limit, capacity, cost = unpack_bytes('>I4I4I4', packed)
-  local interval = tonumber(period) / limit
-  local tat = tonumber(call('GET', key) or now)
-  if tat < now then
-    tat = now
+  period = tonumber(period)
+  local step = floor(period / limit)
+  local rem = period - step * limit
+  local tat, tat_n = now, 0
+  local stored = call('GET', key)
+  if stored then
+    local whole, n = match(stored, '^(%d+):(%d+)$')
+    whole, n = tonumber(whole or stored), tonumber(n or 0)
+    if not whole then
+      return redis.error_reply('ERR the rate-limit key holds no time')
+    end
+    -- Stored under another limit (the configuration changed): carry what is over.
+    if n >= limit then
+      whole, n = whole + floor(n / limit), n % limit
+    end
+    if whole > now or (whole == now and n > 0) then
+      tat, tat_n = whole, n
+    end
   end
-  local new_tat = tat + interval * cost
-  local window = interval * capacity
-  if new_tat - now > window then
-    return {0, 0, ceil(tat - now), ceil(new_tat - now - window)}
+  -- The new TAT, and how far ahead of now it is, against the window of `capacity` intervals.
+  local add, add_n = times(cost, step, rem, limit)
+  local new, new_n = tat + add, tat_n + add_n
+  if new_n >= limit then
+    new, new_n = new + 1, new_n - limit
   end
-  local reset = ceil(new_tat - now)
-  local px = ceil(reset / 1000)
+  local ahead, ahead_n = new - now, new_n
+  local window, window_n = times(capacity, step, rem, limit)
+  if ahead > window or (ahead == window and ahead_n > window_n) then
+    local over, over_n = minus(ahead, ahead_n, window, window_n, limit)
+    local busy = tat - now + (tat_n > 0 and 1 or 0)
+    return {0, 0, busy, over + (over_n > 0 and 1 or 0)}
+  end
+  local reset = ahead + (ahead_n > 0 and 1 or 0)
+  local px = floor((reset + 999) / 1000)
   if px < 1 then px = 1 end
-  call('SET', key, format('%d', ceil(new_tat)), 'PX', px)
-  return {1, floor((window - (new_tat - now)) / interval), reset, 0}
+  call('SET', key, new_n > 0 and format('%d:%d', new, new_n) or format('%d', new), 'PX', px)
+  -- Requests of cost 1 that still fit: the most intervals within window - ahead. Estimated,
+  -- then made exact.
+  local slack, slack_n = minus(window, window_n, ahead, ahead_n, limit)
+  local function fits(k)
+    local a, an = times(k, step, rem, limit)
+    return a < slack or (a == slack and an <= slack_n)
+  end
+  local remaining = floor((slack + slack_n / limit) / (step + rem / limit))
+  while remaining > 0 and not fits(remaining) do
+    remaining = remaining - 1
+  end
+  while fits(remaining + 1) do
+    remaining = remaining + 1
+  end
+  return {1, remaining, reset, 0}
 end
 
 return each(decide)
