@@ -246,25 +246,46 @@ impl fmt::Debug for Config {
     }
 }
 
-/// The URL with any password replaced by `***`, safe to log.
+/// The URL with any password replaced by `***`, safe to log: the userinfo's password, and the
+/// value of a `pass` or `password` query parameter (`redis+unix:///run/redis.sock?pass=…`).
+///
+/// The userinfo runs to the *last* `@`: in a URL that does not parse, a password may hold `/`,
+/// `?` or `#`, and the error message that shows the URL must not show it. (A `@` further on, in a
+/// query, then hides a little more than the password; never less.)
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
+    let mut out = format!("{}://", &url[..scheme_end]);
+    let host_on = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => out.push_str(&format!("{}:***@", &userinfo[..colon])),
+                None if userinfo.is_empty() => out.push('@'),
+                // `redis://secret@host` carries a password without a user name.
+                None => out.push_str("***@"),
+            }
+            &rest[at + 1..]
+        }
+        None => rest,
     };
-    let userinfo = &authority[..at];
-    let redacted = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        None if userinfo.is_empty() => String::new(),
-        // `redis://secret@host` carries a password without a user name.
-        None => "***".to_owned(),
+    let Some((before, query)) = host_on.split_once('?') else {
+        out.push_str(host_on);
+        return out;
     };
-    format!("{}://{}@{}", &url[..scheme_end], redacted, &rest[at + 1..])
+    out.push_str(before);
+    out.push('?');
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if matches!(name, "pass" | "password") => format!("{name}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    out.push_str(&params.join("&"));
+    out
 }
 
 /// The kind of server a URL points at.
@@ -284,9 +305,29 @@ impl Config {
         }
     }
 
-    /// Reads the process environment. See [`Config::from_lookup`] for the variables.
+    /// Reads the process environment. See [`Config::from_lookup`] for the variables. A variable
+    /// set to bytes that are not UTF-8 is an error naming it, not a variable left unset.
     pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_os_lookup(|name| std::env::var_os(name))
+    }
+
+    /// [`Config::from_lookup`] over raw values, as the environment holds them.
+    fn from_os_lookup(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Self> {
+        let garbled = std::cell::RefCell::new(None);
+        let config = Self::from_lookup(|name| {
+            let value = lookup(name)?;
+            match value.into_string() {
+                Ok(text) => Some(text),
+                Err(_) => {
+                    garbled.borrow_mut().get_or_insert_with(|| name.to_owned());
+                    None
+                }
+            }
+        });
+        if let Some(name) = garbled.into_inner() {
+            return Err(Error::config(format!("{name}: not valid UTF-8")));
+        }
+        config
     }
 
     /// Reads configuration through `lookup` (a variable name to its value), so tests and other
@@ -395,6 +436,10 @@ impl Config {
         };
 
         config.username = get("REDIS_USERNAME");
+        if let Some(username) = &config.username {
+            check_username(username)
+                .map_err(|why| Error::config(format!("REDIS_USERNAME: {why}")))?;
+        }
         config.password = get("REDIS_PASSWORD").map(Secret::new);
         if let Some(text) = get("REDIS_MAX_CONNECTIONS") {
             config.max_connections = parse_number(
@@ -484,15 +529,8 @@ impl Config {
             .map_err(|why| Error::config(format!("key_prefix: {why}")))?;
         self.check_topology(TopologyNames::FIELDS)
             .map_err(Error::config)?;
-        if let Some(username) = &self.username
-            && (username.is_empty()
-                || username
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(Error::config(
-                "username: must be non-empty, without spaces or control characters",
-            ));
+        if let Some(username) = &self.username {
+            check_username(username).map_err(|why| Error::config(format!("username: {why}")))?;
         }
         self.check_tls(TlsNames::FIELDS)
     }
@@ -851,9 +889,26 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
+fn check_username(username: &str) -> std::result::Result<(), String> {
+    if username.is_empty()
+        || username
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("must be non-empty, without spaces or control characters".to_owned());
+    }
+    Ok(())
+}
+
 fn check_host(host: &str) -> std::result::Result<String, String> {
     if host.is_empty() {
         return Err("must not be empty".to_owned());
+    }
+    // One colon is `host:port` (an IPv6 address has at least two): the port has a variable.
+    if host.matches(':').count() == 1 && !host.starts_with('[') {
+        return Err(format!(
+            "`{host}` holds a port; give the host alone, and the port in its own variable"
+        ));
     }
     if host
         .chars()
@@ -1167,6 +1222,8 @@ mod tests {
                 "REDIS_CLUSTER_NODES",
             ),
             (&[("REDIS_KEY_PREFIX", "has space")], "REDIS_KEY_PREFIX"),
+            (&[("REDIS_USERNAME", "two words")], "REDIS_USERNAME"),
+            (&[("DEV_REDIS_HOST", "redis:6380")], "DEV_REDIS_HOST"),
             (
                 &[("REDIS_BREAKER_THRESHOLD", "-1")],
                 "REDIS_BREAKER_THRESHOLD",
@@ -1286,6 +1343,44 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h/0"), "redis://:***@h/0");
         assert_eq!(redact_url("redis://pw@h/0"), "redis://***@h/0");
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        // A password in the query of a socket URL, which redis-rs reads.
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?user=app&pass=hunter2&db=1"),
+            "redis+unix:///run/redis.sock?user=app&pass=***&db=1"
+        );
+        assert_eq!(
+            redact_url("unix:///s?password=pw"),
+            "unix:///s?password=***"
+        );
+        // URLs that do not parse: the password must not show in their error either.
+        assert_eq!(redact_url("redis://app:hun/ter2@db"), "redis://app:***@db");
+        assert_eq!(redact_url("redis://:p#ss@db/0"), "redis://:***@db/0");
+        assert_eq!(redact_url("redis://:p?ss@db/0"), "redis://:***@db/0");
+        for url in [
+            "redis://app:hun/ter2@db",
+            "redis://:p#ss@db",
+            "redis://app:x@@db:zz",
+        ] {
+            let err = from(&[("REDIS_URL", url)]).unwrap_err();
+            for secret in ["hun/ter2", "p#ss", "x@"] {
+                assert!(!err.message().contains(secret), "{err}");
+            }
+        }
+        let config = from(&[("REDIS_URL", "redis+unix:///run/redis.sock?pass=hunter2")]);
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    /// A variable holding bytes that are not UTF-8 is an error naming it: read as unset, a
+    /// garbled `REDIS_URL` would have sent the client to the default server.
+    #[test]
+    fn a_variable_that_is_not_utf8_is_an_error() {
+        use std::os::unix::ffi::OsStringExt as _;
+        let err = Config::from_os_lookup(|name| {
+            (name == "REDIS_URL").then(|| std::ffi::OsString::from_vec(b"redis://\xff/0".to_vec()))
+        })
+        .unwrap_err();
+        assert!(err.message().contains("REDIS_URL"), "{err}");
+        assert!(Config::from_os_lookup(|_| None).is_ok());
     }
 
     /// Credentials from variables are applied to the connection.
