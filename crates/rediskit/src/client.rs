@@ -356,16 +356,21 @@ struct Pool {
     /// Tells pools apart (a new pool after a Sentinel failover gets a new id; ids are not reused).
     id: u64,
     connections: Box<[Slot]>,
-    /// A connection of its own for commands that block their connection until they answer
+    /// Connections of their own for commands that block their connection until they answer
     /// (`WAIT`): Redis runs nothing else of a blocked client's until then, so on a shared
-    /// connection every other caller's commands would wait too ([`Client::run_blocking`]).
-    /// Connects on first use.
-    blocking: Slot,
+    /// connection every other caller's commands would wait too ([`Client::run_blocking`]). One
+    /// would make concurrent `WAIT`s wait for each other, each past its deadline: a call takes
+    /// the least busy of [`BLOCKING_CONNECTIONS`]. Each connects on first use.
+    blocking: Box<[Slot]>,
     /// How many of `connections` share the traffic first ([`spread_for`]).
     spread: usize,
     /// The server this pool talks to, for Sentinel (to notice that the primary moved).
     address: Option<(String, u16)>,
 }
+
+/// Connections per pool for blocking commands ([`Client::run_blocking`]): as many `WAIT`s run at
+/// once without one waiting for another.
+const BLOCKING_CONNECTIONS: usize = 4;
 
 struct Slot {
     connection: Conn,
@@ -747,7 +752,14 @@ impl Client {
             .ok()
             .filter(|&index| index < pool.connections.len());
         let result = match pinned {
-            _ if blocking => self.run_on(&pool.blocking, true, what, call).await,
+            _ if blocking => {
+                let slot = pool
+                    .blocking
+                    .iter()
+                    .min_by_key(|slot| slot.in_flight.load(Ordering::Relaxed))
+                    .unwrap_or(&pool.connections[0]);
+                self.run_on(slot, true, what, call).await
+            }
             // Sent as the scope sends them, not queued into batches that may leave in either
             // order.
             Some(index) => {
@@ -760,9 +772,13 @@ impl Client {
             }
         };
         // Only a failing connection counts: Redis answering OOM or READONLY is alive, and its
-        // reads still work.
+        // reads still work. Nor does a blocking call that timed out: a `WAIT` outlasting its
+        // deadline (replicas slow, or more `WAIT`s than blocking connections) says nothing
+        // of whether Redis answers, and every other call would tell if it did not.
         let failed = result.as_ref().is_err_and(Error::is_connection_failure);
-        if admission.finish(!failed) {
+        if blocking && result.as_ref().is_err_and(Error::is_timeout) {
+            drop(admission);
+        } else if admission.finish(!failed) {
             self.spawn_recovery();
         }
         if self.inner.kind == BackendKind::Sentinel
@@ -1531,13 +1547,21 @@ impl Pool {
                     .map_err(Error::from)
             })
             .collect::<Result<Vec<_>>>()?;
-        let blocking = Slot {
-            connection: Conn::Direct(
-                ConnectionManager::new_lazy_with_config(client, manager_config)
-                    .map_err(Error::from)?,
-            ),
-            in_flight: Arc::default(),
-        };
+        let blocking = (0..BLOCKING_CONNECTIONS)
+            .map(|_| {
+                Ok(Slot {
+                    connection: Conn::Direct(
+                        ConnectionManager::new_lazy_with_config(
+                            client.clone(),
+                            manager_config.clone(),
+                        )
+                        .map_err(Error::from)?,
+                    ),
+                    in_flight: Arc::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_boxed_slice();
         Ok(Self {
             id: next_pool_id(),
             spread: spread_for(connections.len()),
@@ -1591,12 +1615,14 @@ impl Pool {
                 in_flight: Arc::default(),
             })
             .collect::<Vec<_>>();
-        let blocking = Slot {
-            connection: Conn::Cluster(
-                client.get_pending_async_connection_with_config(cluster_config),
-            ),
-            in_flight: Arc::default(),
-        };
+        let blocking = (0..BLOCKING_CONNECTIONS)
+            .map(|_| Slot {
+                connection: Conn::Cluster(
+                    client.get_pending_async_connection_with_config(cluster_config.clone()),
+                ),
+                in_flight: Arc::default(),
+            })
+            .collect();
         Ok(Self {
             id: next_pool_id(),
             spread: spread_for(connections.len()),

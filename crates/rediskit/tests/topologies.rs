@@ -527,6 +527,70 @@ async fn cluster_revocations_wait_for_their_nodes_replica() {
     assert_eq!(nodes.len(), 3, "the users' keys are on every primary");
 }
 
+/// Concurrent revocations that wait for a replica each wait on a blocking connection of their
+/// own: with the replica stopped, four at once each answer that the replica did not
+/// acknowledge (none times out behind another's `WAIT`), and eight at once — more than the
+/// blocking connections — never trip the breaker, whose three failures in a row would have
+/// failed every other call of a healthy primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_waiting_revocations_neither_queue_nor_trip_the_breaker() {
+    // Arrange
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let mut config = common::config(&primary.url());
+    config.breaker_threshold = 3;
+    let client = Client::connect(config).await.unwrap();
+    let sessions = Sessions::builder(&client, SECRET)
+        .wait_for_replicas(1, Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.admin())
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica never linked: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
+    let mut issued = Vec::new();
+    for user in &users {
+        issued.push(sessions.create(user, "d", None, None).await.unwrap());
+    }
+    let acknowledged: u32 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut primary.admin())
+        .unwrap();
+    assert_eq!(acknowledged, 1);
+    replica.signal("STOP");
+    let revoke = |range: std::ops::Range<usize>| {
+        futures_util::future::join_all(
+            range.map(|i| sessions.revoke(&users[i], &issued[i].session.session_id)),
+        )
+    };
+
+    // Act
+    let four = revoke(0..4).await;
+    let eight = revoke(4..12).await;
+    replica.signal("CONT");
+
+    // Assert
+    for result in &four {
+        let err = result.as_ref().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.message().contains("replicas acknowledged"), "{err}");
+    }
+    assert!(eight.iter().all(Result::is_err), "{eight:?}");
+    assert_eq!(client.stats().breaker_trips, 0);
+    assert!(client.health().await.ok);
+}
+
 /// With `wait_for_replicas`, a revocation returns once a replica has it; with the replica
 /// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
