@@ -1012,9 +1012,16 @@ proptest! {
         } else {
             random_text
         };
+        // Redis's matcher never starts on an empty text: only an empty pattern matches it (a
+        // lone `*` lists the empty key through `SCAN`'s own shortcut). Keys are never empty.
+        let expected = if text.is_empty() {
+            pattern.is_empty()
+        } else {
+            reference_match(&parts, &text)
+        };
         prop_assert_eq!(
             glob_match(&pattern, &text),
-            reference_match(&parts, &text),
+            expected,
             "{:?} ~ {:?}",
             String::from_utf8_lossy(&pattern),
             String::from_utf8_lossy(&text)
