@@ -249,9 +249,9 @@ pub async fn login(
         Ok(_) => INVALID_USERNAME.to_owned(),
         Err(_) => String::new(),
     };
-    let decision = match state.login_limiter.check(&format!("{username}|{ip}")).await {
+    let decision = match login_check(&state, &format!("{username}|{ip}")).await {
         Ok(decision) => decision,
-        Err(err) => return store_error(err).into_response(),
+        Err(err) => return err.into_response(),
     };
     if !decision.allowed {
         return too_many_requests(&decision).into_response();
@@ -264,6 +264,20 @@ pub async fn login(
     response
 }
 
+/// The login limiter's decision for `key`; when Redis answers the check with an error (a
+/// permission, `MISCONF`), the limiter's failure policy, as [`rediskit::web::RateLimitLayer`]
+/// does for the other routes.
+async fn login_check(state: &AppState, key: &str) -> Result<rediskit::Decision, ApiError> {
+    match state.login_limiter.check(key).await {
+        Ok(decision) => Ok(decision),
+        Err(err) if err.is_invalid_input() => Err(store_error(err)),
+        Err(err) => {
+            tracing::error!(error = %err, "login rate limit check failed; the failure policy decides");
+            Ok(state.login_limiter.policy_decision())
+        }
+    }
+}
+
 /// What a login's rate-limit key holds in place of a name no account can have (see
 /// [`crate::users::check_username`]); it is not one itself (`~` is not allowed in names).
 const INVALID_USERNAME: &str = "~invalid";
@@ -274,9 +288,9 @@ pub async fn login_method_not_allowed(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
 ) -> Response {
-    let decision = match state.login_limiter.check(&format!("|{ip}")).await {
+    let decision = match login_check(&state, &format!("|{ip}")).await {
         Ok(decision) => decision,
-        Err(err) => return store_error(err).into_response(),
+        Err(err) => return err.into_response(),
     };
     if !decision.allowed {
         return too_many_requests(&decision).into_response();

@@ -460,6 +460,39 @@ async fn auth_requests_over_the_limit_are_429() {
     assert_eq!(limited.integer_header("ratelimit-limit"), 5);
 }
 
+/// When Redis answers the login limiter's check with an error (the key holds a hash), the
+/// limiter's failure policy decides: a 401 for a wrong password with the `RateLimit-*` headers,
+/// not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_login_limit_check_is_decided_by_the_policy() {
+    let redis = RedisServer::start();
+    let service = Service::builder()
+        .redis(&redis)
+        .env("RATE_LIMIT_LOGIN_PER_MIN", "3")
+        .start()
+        .await;
+    attempt(&service, "203.0.113.7").await.assert_status(401);
+    let mut admin = redis.admin();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*rl:login:*")
+        .query(&mut admin)
+        .unwrap();
+    let _: u64 = redis::cmd("DEL").arg(&keys).query(&mut admin).unwrap();
+    for key in &keys {
+        let _: u64 = redis::cmd("HSET")
+            .arg(key)
+            .arg("f")
+            .arg("v")
+            .query(&mut admin)
+            .unwrap();
+    }
+
+    let reply = attempt(&service, "203.0.113.7").await;
+
+    assert_problem(&reply, 401);
+    reply.integer_header("ratelimit-limit");
+}
+
 /// `X-Forwarded-For` doesn't buy a fresh budget unless TRUST_FORWARDED_FOR=true; then each
 /// forwarded address has its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,7 +118,7 @@ pub struct Decision {
     pub reset_after: Duration,
     /// When refused: time until the same request would pass, for `Retry-After`.
     pub retry_after: Option<Duration>,
-    /// True when Redis could not decide (unavailable, or an error) and the [`FailurePolicy`] did.
+    /// True when the [`FailurePolicy`] decided, Redis being unavailable or failing the check.
     pub degraded: bool,
 }
 
@@ -130,8 +130,8 @@ pub struct RateLimitStats {
     pub allowed: u64,
     /// Requests refused (degraded ones included).
     pub rejected: u64,
-    /// Decisions made by the failure policy because Redis could not decide (unavailable, or
-    /// answering an error).
+    /// Decisions made by the failure policy: Redis unavailable, or
+    /// [`RateLimiter::policy_decision`] asked for.
     pub degraded: u64,
     /// Script calls that carried several decisions at once: concurrent callers' decisions leave
     /// as one `EVALSHA` when calls of this limiter are already in flight (as sessions' do).
@@ -149,10 +149,11 @@ pub struct RateLimitStats {
 /// under any concurrency and across service instances, timed by Redis's clock. Under load,
 /// concurrent decisions of one limiter leave as one script call that makes each in turn
 /// ([`RateLimitStats::coalesced_calls`]), except on a Redis Cluster. The key expires when the
-/// caller is back to full capacity. When Redis is unavailable, or answers an error instead of a
-/// decision (a key holding something else, `MISCONF`, `NOPERM`), the [`FailurePolicy`] answers,
-/// the decision says `degraded`, and [`RateLimitStats::degraded`] counts it (errors other than
-/// unavailability are logged as warnings). Only invalid input is an `Err`.
+/// caller is back to full capacity. When Redis is unavailable, the [`FailurePolicy`] answers, the
+/// decision says `degraded`, and [`RateLimitStats::degraded`] counts it. When Redis answers an
+/// error instead (`NOPERM`, `MISCONF`, a key holding another type) the check is an `Err` of kind
+/// `Backend`, so that a misconfiguration shows; [`RateLimiter::policy_decision`] is the answer
+/// for a caller that must decide anyway.
 #[derive(Clone, Debug)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
@@ -244,8 +245,9 @@ impl RateLimiter {
         self.check_n(key, 1).await
     }
 
-    /// Decides a request costing `cost` units (1 to `limit + burst`). `Err` only for invalid
-    /// input (an empty or overlong key, a cost out of range).
+    /// Decides a request costing `cost` units (1 to `limit + burst`). `Err` for invalid input
+    /// (an empty or overlong key, a cost out of range) and for an error Redis answered (see
+    /// [`RateLimiter`]'s behaviour); unavailability is decided by the policy.
     pub async fn check_n(&self, key: &str, cost: u32) -> Result<Decision> {
         let redis_key = self.redis_key(key)?;
         let quota = self.inner.quota;
@@ -287,37 +289,44 @@ impl RateLimiter {
                 retry_after: (allowed != 1).then(|| Duration::from_micros(retry_us)),
                 degraded: false,
             },
-            // Redis could not decide: unavailable, or it answered an error (a key holding
-            // something else, a refused write, a permission): the policy decides, as the
-            // limiter promises, and the caller gets a decision, never a Redis error.
-            Err(err) if !err.is_invalid_input() => {
-                self.inner.degraded.fetch_add(1, Ordering::Relaxed);
-                if err.is_unavailable() {
-                    tracing::debug!(limiter = %self.inner.name, error = %err,
-                        "rate limiter degraded: redis unavailable");
-                } else {
-                    tracing::warn!(limiter = %self.inner.name, error = %err,
-                        "rate limiter degraded: redis could not decide");
-                }
-                let allowed = self.inner.policy == FailurePolicy::Open;
-                Decision {
-                    allowed,
-                    limit: quota.capacity(),
-                    remaining: 0,
-                    reset_after: quota.period,
-                    retry_after: (!allowed).then_some(Duration::from_secs(1)),
-                    degraded: true,
-                }
+            Err(err) if err.is_unavailable() => {
+                tracing::debug!(limiter = %self.inner.name, error = %err,
+                    "rate limiter degraded: redis unavailable");
+                return Ok(self.policy_decision());
             }
             Err(err) => return Err(err),
         };
+        self.count(&decision);
+        Ok(decision)
+    }
+
+    /// What the [`FailurePolicy`] answers, marked `degraded` and counted as such: the decision
+    /// when Redis is unavailable, and the one to use when a check failed otherwise (Redis
+    /// answered an error, such as `NOPERM` or a key holding another type) and the request must
+    /// be decided anyway, as [`RateLimitLayer`](crate::web::RateLimitLayer) does.
+    pub fn policy_decision(&self) -> Decision {
+        self.inner.degraded.fetch_add(1, Ordering::Relaxed);
+        let quota = self.inner.quota;
+        let allowed = self.inner.policy == FailurePolicy::Open;
+        let decision = Decision {
+            allowed,
+            limit: quota.capacity(),
+            remaining: 0,
+            reset_after: quota.period,
+            retry_after: (!allowed).then_some(Duration::from_secs(1)),
+            degraded: true,
+        };
+        self.count(&decision);
+        decision
+    }
+
+    fn count(&self, decision: &Decision) {
         let counter = if decision.allowed {
             &self.inner.allowed
         } else {
             &self.inner.rejected
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Ok(decision)
     }
 
     /// Forgets `key`'s usage, giving it full capacity again.

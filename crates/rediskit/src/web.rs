@@ -612,9 +612,15 @@ where
                 .unwrap_or_else(|| "unknown".to_owned());
             let decision = match layer.limiter.check(&key).await {
                 Ok(decision) => decision,
-                // Only invalid input is an error (Redis's own failures get the limiter's
-                // policy), and an address never is: let it pass.
-                Err(_) => return inner.call(request).await,
+                // Redis answered an error (`NOPERM`, `MISCONF`, a key holding another type):
+                // the limiter's failure policy decides, as when Redis is down; letting the
+                // request through unlimited and without headers ignored a closed policy. (An
+                // address is never invalid input.)
+                Err(err) => {
+                    tracing::error!(limiter = %layer.limiter.name(), error = %err,
+                        "rate limit check failed; the failure policy decides");
+                    layer.limiter.policy_decision()
+                }
             };
             if !decision.allowed {
                 return Ok(too_many_requests(&decision).into_response());

@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rediskit::web::{
     AccessTokens, Auth, Authenticated, NOT_BEFORE_SKEW, RateLimitLayer, health_router,
 };
-use rediskit::{Client, Config, Quota, RateLimiter, Sessions};
+use rediskit::{Client, Config, FailurePolicy, Quota, RateLimiter, Sessions};
 use tower::ServiceExt;
 
 const SECRET: &str = "web-test-secret-of-at-least-32-bytes!";
@@ -327,6 +327,55 @@ async fn rate_limit_layer() {
         app.clone().oneshot(other).await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
+}
+
+/// When Redis answers the limiter's check with an error (here the caller's key holds a hash),
+/// the layer lets the limiter's failure policy decide, with the `RateLimit-*` headers: a closed
+/// limiter refuses, an open one lets through. (It let every request through, unlimited and
+/// without headers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_applies_the_policy_when_redis_answers_an_error() {
+    let server = rediskit_testkit::RedisServer::start();
+    let client = Client::connect(Config::builder().url(server.url()).build().unwrap())
+        .await
+        .unwrap();
+    for (name, policy, status) in [
+        ("open", FailurePolicy::Open, StatusCode::OK),
+        (
+            "closed",
+            FailurePolicy::Closed,
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+    ] {
+        let limiter =
+            RateLimiter::with_policy(&client, name, Quota::per_minute(5), policy).unwrap();
+        limiter.check("203.0.113.9").await.unwrap();
+        let mut admin = server.admin();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*rl:{name}:*"))
+            .query(&mut admin)
+            .unwrap();
+        let _: u64 = redis::cmd("DEL").arg(&keys[0]).query(&mut admin).unwrap();
+        let _: u64 = redis::cmd("HSET")
+            .arg(&keys[0])
+            .arg("f")
+            .arg("v")
+            .query(&mut admin)
+            .unwrap();
+        let app: Router = Router::new()
+            .route("/x", get(|| async { StatusCode::OK }))
+            .layer(RateLimitLayer::new(limiter.clone(), true));
+        let request = Request::get("/x")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Body::empty())
+            .unwrap();
+
+        let response = app.oneshot(request).await.unwrap();
+
+        assert_eq!(response.status(), status, "{name}");
+        assert!(response.headers().contains_key("ratelimit-limit"), "{name}");
+        assert_eq!(limiter.stats().degraded, 1, "{name}");
+    }
 }
 
 /// The client address behind a trusted proxy is the last `X-Forwarded-For` entry, the one the
