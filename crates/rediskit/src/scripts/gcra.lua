@@ -13,7 +13,8 @@
 -- (0 <= n < limit). The quota's checks keep every whole part and product under 2^53, where Lua's
 -- numbers are exact integers. The TAT is stored as "µs" or "µs:n".
 local call = redis.call
-local unpack_bytes, format, match = struct.unpack, string.format, string.match
+local unpack_bytes, format = struct.unpack, string.format
+local find, sub = string.find, string.sub
 local floor = math.floor
 local time = call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
@@ -33,17 +34,45 @@ local function minus(a, an, b, bn, limit)
   return a - b, an - bn
 end
 
+-- A quota's figures, worked out once per call for each (period, packed) it meets: the decisions
+-- of one call are mostly one limiter's, with one quota and cost (a table look-up cost
+-- redis-server less than unpacking and multiplying again).
+local quotas = {}
+local function quota(period, packed)
+  local of_period = quotas[period]
+  if not of_period then
+    of_period = {}
+    quotas[period] = of_period
+  end
+  local q = of_period[packed]
+  if not q then
+    local limit, capacity, cost = unpack_bytes('>I4I4I4', packed)
+    local p = tonumber(period)
+    local step = floor(p / limit)
+    local rem = p - step * limit
+    local add, add_n = times(cost, step, rem, limit)
+    local window, window_n = times(capacity, step, rem, limit)
+    q = {limit, step, rem, add, add_n, window, window_n, p}
+    of_period[packed] = q
+  end
+  return q
+end
+
 local function decide(key, period, packed)
-  local limit, capacity, cost = unpack_bytes('>I4I4I4', packed)
-  period = tonumber(period)
-  local step = floor(period / limit)
-  local rem = period - step * limit
+  local q = quota(period, packed)
+  local limit, step, rem, add, add_n = q[1], q[2], q[3], q[4], q[5]
+  local window, window_n = q[6], q[7]
   local tat, tat_n = now, 0
   local stored = call('GET', key)
   if stored then
-    local whole, n = match(stored, '^(%d+):(%d+)$')
-    whole, n = tonumber(whole or stored), tonumber(n or 0)
-    if not whole then
+    local whole, n
+    local colon = find(stored, ':', 1, true)
+    if colon then
+      whole, n = tonumber(sub(stored, 1, colon - 1)), tonumber(sub(stored, colon + 1))
+    else
+      whole, n = tonumber(stored), 0
+    end
+    if not whole or not n then
       return redis.error_reply('ERR the rate-limit key holds no time')
     end
     -- Stored under another limit (the configuration changed): carry what is over.
@@ -55,13 +84,11 @@ local function decide(key, period, packed)
     end
   end
   -- The new TAT, and how far ahead of now it is, against the window of `capacity` intervals.
-  local add, add_n = times(cost, step, rem, limit)
   local new, new_n = tat + add, tat_n + add_n
   if new_n >= limit then
     new, new_n = new + 1, new_n - limit
   end
   local ahead, ahead_n = new - now, new_n
-  local window, window_n = times(capacity, step, rem, limit)
   if ahead > window or (ahead == window and ahead_n > window_n) then
     local over, over_n = minus(ahead, ahead_n, window, window_n, limit)
     local busy = tat - now + (tat_n > 0 and 1 or 0)
@@ -71,9 +98,14 @@ local function decide(key, period, packed)
   local px = floor((reset + 999) / 1000)
   if px < 1 then px = 1 end
   call('SET', key, new_n > 0 and format('%d:%d', new, new_n) or format('%d', new), 'PX', px)
-  -- Requests of cost 1 that still fit: the most intervals within window - ahead. Estimated,
-  -- then made exact.
+  -- Requests of cost 1 that still fit: the whole intervals in window - ahead. In 1/limit µs
+  -- that is a division of integers, exact while they stay under 2^52 (every usual quota);
+  -- past that, estimated and then made exact.
   local slack, slack_n = minus(window, window_n, ahead, ahead_n, limit)
+  local scaled = slack * limit + slack_n
+  if scaled < 4503599627370496 then
+    return {1, floor(scaled / q[8]), reset, 0}
+  end
   local function fits(k)
     local a, an = times(k, step, rem, limit)
     return a < slack or (a == slack and an <= slack_n)
