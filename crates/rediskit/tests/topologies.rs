@@ -527,6 +527,26 @@ async fn cluster_revocations_wait_for_their_nodes_replica() {
     assert_eq!(nodes.len(), 3, "the users' keys are on every primary");
 }
 
+/// A primary and its replica, once the replica's link is up (before that nothing can be
+/// measured about replication).
+fn primary_and_linked_replica() -> (RedisServer, RedisServer) {
+    let primary = RedisServer::start();
+    let port = primary.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.admin())
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            return (primary, replica);
+        }
+        assert!(Instant::now() < deadline, "replica never linked: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Concurrent revocations that wait for a replica each wait on a blocking connection of their
 /// own: with the replica stopped, four at once each answer that the replica did not
 /// acknowledge (none times out behind another's `WAIT`), and eight at once — more than the
@@ -535,9 +555,7 @@ async fn cluster_revocations_wait_for_their_nodes_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_waiting_revocations_neither_queue_nor_trip_the_breaker() {
     // Arrange
-    let primary = RedisServer::start();
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let (primary, replica) = primary_and_linked_replica();
     let mut config = common::config(&primary.url());
     config.breaker_threshold = 3;
     let client = Client::connect(config).await.unwrap();
@@ -545,18 +563,6 @@ async fn concurrent_waiting_revocations_neither_queue_nor_trip_the_breaker() {
         .wait_for_replicas(1, Duration::from_millis(200))
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut replica.admin())
-            .unwrap();
-        if info.contains("master_link_status:up") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replica never linked: {info}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let users: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
     let mut issued = Vec::new();
     for user in &users {
@@ -595,9 +601,7 @@ async fn concurrent_waiting_revocations_neither_queue_nor_trip_the_breaker() {
 /// stopped it fails as "unavailable" (the revocation stands on the primary; a retry is safe).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_can_wait_for_a_replica() {
-    let primary = RedisServer::start();
-    let port = primary.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let (primary, replica) = primary_and_linked_replica();
     let client = Client::connect(common::config(&primary.url()))
         .await
         .unwrap();
@@ -605,19 +609,6 @@ async fn revocations_can_wait_for_a_replica() {
         .wait_for_replicas(1, Duration::from_millis(200))
         .build()
         .unwrap();
-    // Wait for the replica's link before measuring anything.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut replica.admin())
-            .unwrap();
-        if info.contains("master_link_status:up") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replica never linked: {info}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let first = sessions.create("alice", "a", None, None).await.unwrap();
     let second = sessions.create("alice", "b", None, None).await.unwrap();
     assert!(
