@@ -303,7 +303,7 @@ impl RateLimiter {
     /// What the [`FailurePolicy`] answers, marked `degraded` and counted as such: the decision
     /// when Redis is unavailable, and the one to use when a check failed otherwise (Redis
     /// answered an error, such as `NOPERM` or a key holding another type) and the request must
-    /// be decided anyway, as [`RateLimitLayer`](crate::web::RateLimitLayer) does.
+    /// be decided anyway, as the axum `RateLimitLayer` does.
     pub fn policy_decision(&self) -> Decision {
         self.inner.degraded.fetch_add(1, Ordering::Relaxed);
         let quota = self.inner.quota;
