@@ -17,9 +17,9 @@
 //! 256 random bits | MAC)`. The MAC (HMAC-SHA-256 truncated to 128 bits, keyed by a key derived
 //! from the configured secret) proves the token was issued by us, so a forged or altered token is
 //! rejected before Redis is asked. Redis stores only a keyed hash of the random part — never the
-//! token. The secret of the next generation is derived from the current one with the secret key,
-//! which is what lets the optional grace window hand two concurrent refreshes the same new token
-//! without storing it.
+//! token. With a grace window, the secret of the next generation is derived from the current one
+//! with the secret key, which is what lets the window hand two concurrent refreshes the same new
+//! token without storing it; without one, each rotation draws a fresh secret.
 //!
 //! # Reuse detection
 //!
@@ -28,6 +28,12 @@
 //! revoked and the caller gets [`ErrorKind::Reused`](crate::ErrorKind::Reused). Old tokens need
 //! no storage of their own for this: the generation counter remembers them until the session
 //! ends.
+//!
+//! One repeat is not reuse: the same rotation *command* arriving twice. A cluster connection
+//! that loses its connection with a command in flight sends the command again, and the first
+//! may have run. The script tells it apart by the new secret's hash it carries: already stored,
+//! it is the same call (a fresh secret per call without a grace window; within the window,
+//! repeats are answered alike anyway), and it gets the rotated session as the first did.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -531,7 +537,18 @@ impl Sessions {
         let key = self.user_key(&parts.user)?;
         let sid_text = B64.encode(parts.sid);
         let presented = self.inner.keys.secret_hash(&parts.random);
-        let next_random = self.inner.keys.next_random(&parts);
+        // With a grace window the next secret is a keyed function of this one, so that a
+        // concurrent refresh of the same token gets the same new token. Without one, it is fresh
+        // randomness: only this call knows it, so finding its hash already stored tells the
+        // script this very call was sent again (a cluster connection re-sends a command whose
+        // reply was lost with its connection), not that someone else presented the token.
+        let next_random = if self.inner.grace.is_zero() {
+            let mut random = [0u8; RAND_LEN];
+            rand::rng().fill_bytes(&mut random);
+            random
+        } else {
+            self.inner.keys.next_random(&parts)
+        };
         let next_hash = self.inner.keys.secret_hash(&next_random);
         let args = RotateArgs {
             sid: &sid_text,
@@ -1315,7 +1332,10 @@ mod engine {
     ) -> ((u32, u32, u32), Option<Duration>) {
         let (live, ttl) = sweep(map, args.idle, now);
         let mut evicted = 0;
-        while live.len() - evicted >= args.max as usize {
+        // A session already there is this very creation, sent again (see session_create.lua):
+        // it evicted what it had to then.
+        let again = map.contains_key(args.sid);
+        while !again && live.len() - evicted >= args.max as usize {
             map.remove(&live[evicted].0);
             evicted += 1;
         }
@@ -1370,12 +1390,17 @@ mod engine {
             return (RotateReply::Current(rotated), ttl);
         }
         // Compared as the script's Lua numbers do, without wrapping.
-        if u64::from(args.generation) + 1 == u64::from(record.generation)
-            && args.grace > 0
-            && now.saturating_sub(record.rotated) <= args.grace
-        {
-            let (_, ttl) = sweep(map, args.idle, now);
-            return (RotateReply::Current(record), ttl);
+        if u64::from(args.generation) + 1 == u64::from(record.generation) {
+            let repeat = if args.grace > 0 {
+                now.saturating_sub(record.rotated) <= args.grace
+            } else {
+                // This very rotation, sent again (see the module's docs).
+                ct_eq(&record.hash, args.next)
+            };
+            if repeat {
+                let (_, ttl) = sweep(map, args.idle, now);
+                return (RotateReply::Current(record), ttl);
+            }
         }
         if args.generation < record.generation {
             map.remove(args.sid);
@@ -1711,5 +1736,159 @@ mod tests {
         };
         let rotated = Record::decode(&rotated).unwrap();
         assert_eq!((rotated.generation, rotated.hash), (8, next));
+    }
+
+    /// A session record of generation 7 with hash `[3; HASH_LEN]`, created `age` seconds ago
+    /// and live for an hour.
+    fn planted(age: u32) -> Record {
+        let now = unix_now();
+        Record {
+            generation: 7,
+            hash: [3; HASH_LEN],
+            created: now - age,
+            last_used: now - age,
+            expires: now + 3600,
+            rotated: now - age,
+            device: "d".into(),
+            metadata: Vec::new(),
+        }
+    }
+
+    fn rotate_args(next: &[u8; HASH_LEN]) -> RotateArgs<'_> {
+        RotateArgs {
+            sid: "sid-1",
+            generation: 7,
+            presented: &[3; HASH_LEN],
+            next,
+            ttl: 3600,
+            idle: 0,
+            grace: 0,
+        }
+    }
+
+    /// The same rotation command arriving twice (a cluster connection sends a command again
+    /// when its connection dropped before the reply, and the first may have run) answers the
+    /// rotated record both times and ends nothing; the same token rotated by another call, with
+    /// another next secret, is reuse and ends the session. In the script and the memory engine.
+    #[test]
+    fn a_rotation_sent_twice_is_not_reuse() {
+        let (key, sid) = ("s:{u}", "sid-1");
+        let (next, other) = ([5u8; HASH_LEN], [6u8; HASH_LEN]);
+
+        let server = rediskit_testkit::RedisServer::start();
+        let mut conn = server.admin();
+        redis::cmd("HSET")
+            .arg(key)
+            .arg(sid)
+            .arg(planted(0).encode())
+            .exec(&mut conn)
+            .unwrap();
+        let mut rotate = |next: &[u8; HASH_LEN]| -> redis::Value {
+            crate::scripts::SESSION_ROTATE
+                .redis()
+                .key(key)
+                .arg(sid)
+                .arg(&rotate_args(next).packed()[..])
+                .invoke(&mut conn)
+                .unwrap()
+        };
+        let first = rotate(&next);
+        let redis::Value::BulkString(record) = &first else {
+            panic!("the rotation did not rotate: {first:?}");
+        };
+        let record = Record::decode(record).unwrap();
+        assert_eq!((record.generation, record.hash), (8, next));
+        assert_eq!(rotate(&next), first, "the command sent again");
+        assert_eq!(rotate(&other), redis::Value::Int(4), "another call: reuse");
+        let left: bool = redis::cmd("HEXISTS")
+            .arg(key)
+            .arg(sid)
+            .query(&mut server.admin())
+            .unwrap();
+        assert!(!left, "reuse ends the session");
+
+        let mut map = HashMap::from([(sid.to_owned(), planted(0).encode())]);
+        let now = unix_now();
+        let (RotateReply::Current(first), _) = engine::rotate(&mut map, &rotate_args(&next), now)
+        else {
+            panic!("the memory engine did not rotate");
+        };
+        assert_eq!((first.generation, first.hash), (8, next));
+        let (again, _) = engine::rotate(&mut map, &rotate_args(&next), now);
+        assert!(matches!(again, RotateReply::Current(ref r) if *r == first));
+        let (other, _) = engine::rotate(&mut map, &rotate_args(&other), now);
+        assert!(matches!(other, RotateReply::Reused));
+        assert!(map.is_empty());
+    }
+
+    /// The same creation command arriving twice at the cap evicts once: the second finds its
+    /// session there and leaves the others. In the script and the memory engine.
+    #[test]
+    fn a_creation_sent_twice_evicts_once() {
+        let key = "s:{u}";
+        let args = CreateArgs {
+            sid: "new",
+            hash: &[4; HASH_LEN],
+            ttl: 3600,
+            idle: 0,
+            max: 2,
+            device: "d",
+            metadata: b"",
+        };
+        let packed = args.packed();
+
+        let server = rediskit_testkit::RedisServer::start();
+        let mut conn = server.admin();
+        redis::cmd("HSET")
+            .arg(key)
+            .arg("oldest")
+            .arg(planted(20).encode())
+            .arg("older")
+            .arg(planted(10).encode())
+            .exec(&mut conn)
+            .unwrap();
+        redis::cmd("EXPIRE")
+            .arg(key)
+            .arg(7200)
+            .exec(&mut conn)
+            .unwrap();
+        let mut create = || -> redis::Value {
+            crate::scripts::SESSION_CREATE
+                .redis()
+                .key(key)
+                .arg(args.sid)
+                .arg(&packed[..])
+                .invoke(&mut conn)
+                .unwrap()
+        };
+        let first = create();
+        assert!(
+            matches!(&first, redis::Value::Array(reply) if reply.get(1) == Some(&redis::Value::Int(1))),
+            "one evicted: {first:?}"
+        );
+        let again = create();
+        assert!(
+            matches!(again, redis::Value::Int(_)),
+            "none evicted: {again:?}"
+        );
+        let mut fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(key)
+            .query(&mut server.admin())
+            .unwrap();
+        fields.sort();
+        assert_eq!(fields, ["new", "older"]);
+
+        let mut map = HashMap::from([
+            ("oldest".to_owned(), planted(20).encode()),
+            ("older".to_owned(), planted(10).encode()),
+        ]);
+        let now = unix_now();
+        let ((_, _, evicted), _) = engine::create(&mut map, &args, now);
+        assert_eq!(evicted, 1);
+        let ((_, _, evicted), _) = engine::create(&mut map, &args, now);
+        assert_eq!(evicted, 0);
+        let mut fields: Vec<_> = map.into_keys().collect();
+        fields.sort();
+        assert_eq!(fields, ["new", "older"]);
     }
 }

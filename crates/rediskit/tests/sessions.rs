@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use common::{admin_cmd, command_calls, evalsha_calls};
 use rediskit::{Client, ErrorKind, Sessions};
 use rediskit_testkit::RedisServer;
+use rediskit_testkit::cluster::RedisCluster;
+use rediskit_testkit::proxy::{FaultProxy, Mode};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
 
@@ -946,6 +949,68 @@ async fn scripts_reload_after_noscript_on_a_cluster() {
     flush();
     assert_eq!(store.revoke_all("alice").await.unwrap(), 1);
     assert!(store.lookup(rotated.token.expose()).await.is_err());
+}
+
+/// On a Cluster, a connection lost after a rotation ran and before its reply arrived makes the
+/// cluster client send the rotation again. That is the same rotation, not a second use of the
+/// old token: the caller gets its new token and the session lives on (no reuse detected, no
+/// revocation). Likewise a creation sent again is one session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_again_after_a_lost_reply_is_not_reuse_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+        .await
+        .unwrap();
+    let primary = cluster.primary_for_key("rk:s:{alice}");
+    let proxy = FaultProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, primary)));
+    tokio::task::block_in_place(|| cluster.announce_port(primary, proxy.port()));
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    let client = Client::connect(config).await.unwrap();
+    // Loaded first: a lost `NOSCRIPT` reply would be a script that did not run.
+    client.load_scripts().await.unwrap();
+    let store = sessions(&client);
+    // EVALSHA calls run on the node, and those that failed.
+    let evalsha = || -> (u64, u64) {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut cluster.admin(primary))
+            .unwrap();
+        let line = info
+            .lines()
+            .find(|line| line.starts_with("cmdstat_evalsha:"))
+            .unwrap_or("cmdstat_evalsha:calls=0,failed_calls=0");
+        let field = |name: &str| -> u64 {
+            line.split([':', ','])
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                .map_or(0, |n| n.parse().unwrap())
+        };
+        (field("calls"), field("failed_calls"))
+    };
+
+    proxy.lose_reply_to(b"EVALSHA");
+    let issued = store.create("alice", "d", None, None).await.unwrap();
+    assert_eq!(
+        proxy.mode(),
+        Mode::Pass,
+        "the creation's reply was not lost"
+    );
+    assert_eq!(evalsha(), (2, 0), "the creation ran twice");
+    assert_eq!(store.sessions("alice").await.unwrap().len(), 1);
+
+    proxy.lose_reply_to(b"EVALSHA");
+    let rotated = store.rotate(issued.token.expose(), None).await.unwrap();
+    assert_eq!(
+        proxy.mode(),
+        Mode::Pass,
+        "the rotation's reply was not lost"
+    );
+    assert_eq!(evalsha(), (4, 0), "the rotation ran twice");
+    assert_eq!(store.stats().reuse_detected, 0);
+    let session = store.lookup(rotated.token.expose()).await.unwrap();
+    assert_eq!(session.generation, 1);
+    // The old token, presented again by a caller, is still a second use.
+    let reused = store.rotate(issued.token.expose(), None).await.unwrap_err();
+    assert_eq!(reused.kind(), ErrorKind::Reused);
 }
 
 /// With Redis down every session operation is `unavailable` — never "not found", never a

@@ -304,6 +304,35 @@ impl RedisCluster {
             .sum()
     }
 
+    /// Makes the node on `port` announce `announced` as its port (`cluster-announce-port`), a
+    /// [`FaultProxy`](crate::proxy::FaultProxy) in front of it, say, and waits until every
+    /// running node's view names it there: clients that learn the topology from then on reach
+    /// the node through `announced`, and so does its replica, which reconnects there. What the
+    /// cluster reports by slot ([`RedisCluster::primary_for_key`]) names `announced` too.
+    /// Panics if the views do not agree within 30 seconds.
+    pub fn announce_port(&self, port: u16, announced: u16) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-announce-port")
+            .arg(announced)
+            .exec(&mut self.admin(port))
+            .unwrap_or_else(|err| panic!("CONFIG SET cluster-announce-port on {port}: {err}"));
+        node::poll(
+            FORM_TIMEOUT,
+            "the cluster did not learn the announced port",
+            || {
+                for viewer in self.running() {
+                    let view = cluster_nodes(viewer)?;
+                    if !view.iter().any(|entry| entry.port == announced) {
+                        return Err(format!("node {viewer} does not know port {announced} yet"));
+                    }
+                }
+                Ok(())
+            },
+            || self.logs(),
+        )
+    }
+
     /// The index of the node on `port`; panics if there is none.
     fn node(&self, port: u16) -> usize {
         self.nodes

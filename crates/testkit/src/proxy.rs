@@ -1,6 +1,6 @@
 //! A fault-injecting TCP proxy: it sits between a client and `redis-server` and, switched at any
 //! moment while the client runs, adds latency, cuts every connection, black-holes the traffic or
-//! refuses new connections.
+//! refuses new connections, or lets one request through and loses its reply with the connection.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -15,6 +15,7 @@
 //! proxy.black_hole();
 //! proxy.cut();
 //! proxy.pass();
+//! proxy.lose_reply_to(b"EVALSHA");
 //! # }
 //! ```
 //!
@@ -33,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -65,6 +66,11 @@ pub enum Mode {
     BlackHole,
     /// Closes every new connection as soon as it is accepted, like a server that is down.
     Refuse,
+    /// Relays everything, until a request chunk containing these bytes has passed: then the
+    /// next chunk the server sends back on that connection is dropped, every connection is
+    /// closed and the mode returns to [`Mode::Pass`]. The server ran the request; the client
+    /// saw its connection drop with the reply in flight. See [`FaultProxy::lose_reply_to`].
+    LoseReplyTo(&'static [u8]),
 }
 
 /// A TCP proxy on `127.0.0.1:<ephemeral port>` in front of one target address, with a
@@ -98,6 +104,18 @@ impl Shared {
         for (_, task) in self.connections().drain() {
             task.abort();
         }
+    }
+
+    /// Leaves [`Mode::LoseReplyTo`] for [`Mode::Pass`]; false if the mode was something else
+    /// (another connection lost its reply first, or a test changed the mode).
+    fn take_lost_reply(&self) -> bool {
+        self.mode.send_if_modified(|mode| {
+            let armed = matches!(mode, Mode::LoseReplyTo(_));
+            if armed {
+                *mode = Mode::Pass;
+            }
+            armed
+        })
     }
 }
 
@@ -199,6 +217,16 @@ impl FaultProxy {
         self.shared.cut();
     }
 
+    /// Lets requests through until one contains `needle` (looked for within each chunk read,
+    /// which holds a whole command of a few kilobytes at most); drops the server's reply to it,
+    /// closes every connection and returns to [`Mode::Pass`]. This is a connection lost after
+    /// its request ran and before its reply arrived: what a client that sends the request
+    /// again must survive. Wait for [`FaultProxy::mode`] to be `Pass` again to know it happened.
+    pub fn lose_reply_to(&self, needle: &'static [u8]) {
+        assert!(!needle.is_empty(), "lose_reply_to needs bytes to look for");
+        self.shared.mode.send_replace(Mode::LoseReplyTo(needle));
+    }
+
     /// Connections accepted since the proxy started (refused ones included).
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
@@ -238,7 +266,7 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shar
         let task = tokio::spawn({
             let shared = shared.clone();
             async move {
-                relay(client, target, &shared.mode).await;
+                relay(client, target, &shared).await;
                 shared.connections().remove(&id);
             }
         });
@@ -246,8 +274,15 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shar
     }
 }
 
+/// Which way a pipe relays: requests go to the server, replies to the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToServer,
+    ToClient,
+}
+
 /// Relays one connection until either side closes it (or the task is aborted by a cut).
-async fn relay(client: TcpStream, target: SocketAddr, mode: &watch::Sender<Mode>) {
+async fn relay(client: TcpStream, target: SocketAddr, shared: &Arc<Shared>) {
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(upstream)) => upstream,
@@ -258,8 +293,22 @@ async fn relay(client: TcpStream, target: SocketAddr, mode: &watch::Sender<Mode>
     let _ = upstream.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
-    let to_server = pipe(client_read, upstream_write, mode.subscribe(), false);
-    let to_client = pipe(upstream_read, client_write, mode.subscribe(), true);
+    // Set once a request that `Mode::LoseReplyTo` looks for has gone to the server.
+    let armed = Arc::new(AtomicBool::new(false));
+    let to_server = pipe(
+        client_read,
+        upstream_write,
+        shared,
+        &armed,
+        Direction::ToServer,
+    );
+    let to_client = pipe(
+        upstream_read,
+        client_write,
+        shared,
+        &armed,
+        Direction::ToClient,
+    );
     // When one direction ends, the connection is over: dropping the other closes its sockets.
     tokio::select! {
         () = to_server => {}
@@ -272,10 +321,13 @@ async fn relay(client: TcpStream, target: SocketAddr, mode: &watch::Sender<Mode>
 async fn pipe(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
-    mut mode: watch::Receiver<Mode>,
-    delayed: bool,
+    shared: &Shared,
+    armed: &AtomicBool,
+    direction: Direction,
 ) {
+    let delayed = direction == Direction::ToClient;
     let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let mut mode = shared.mode.subscribe();
     let mode_at_read = mode.clone();
     let read = async move {
         loop {
@@ -307,6 +359,24 @@ async fn pipe(
                 .is_err()
             {
                 return;
+            }
+            // Copied out: `take_lost_reply` writes the mode, which a borrow held here would block.
+            let now = *mode.borrow();
+            match (direction, now) {
+                // Armed before the request leaves, so that its reply cannot come back first.
+                (Direction::ToServer, Mode::LoseReplyTo(needle))
+                    if bytes.windows(needle.len()).any(|window| window == needle) =>
+                {
+                    armed.store(true, Ordering::SeqCst);
+                }
+                (Direction::ToClient, _)
+                    if armed.load(Ordering::SeqCst) && shared.take_lost_reply() =>
+                {
+                    // The reply goes with every connection, this one included.
+                    shared.cut();
+                    return;
+                }
+                _ => {}
             }
             if to.write_all(&bytes).await.is_err() {
                 return;
@@ -395,6 +465,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&answer, b"held");
+    }
+
+    /// `lose_reply_to` relays requests until one holds the needle, drops the reply to it and
+    /// closes the connection, then passes again: the request reached the server.
+    #[tokio::test]
+    async fn lose_reply_to_drops_that_reply_and_the_connection() {
+        let proxy = FaultProxy::start(echo_server().await);
+        let mut stream = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.lose_reply_to(b"EVAL");
+        assert_eq!(round_trip(&mut stream, b"GET a").await, b"GET a");
+        assert_eq!(proxy.mode(), Mode::LoseReplyTo(b"EVAL"));
+
+        stream.write_all(b"EVALSHA x").await.unwrap();
+        let mut buffer = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer))
+            .await
+            .expect("the connection is closed, not left hanging");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the reply was lost: {read:?}"
+        );
+        assert_eq!(proxy.mode(), Mode::Pass);
+
+        let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut fresh, b"EVALSHA x").await, b"EVALSHA x");
     }
 
     /// Refusing closes new connections without relaying anything.

@@ -49,7 +49,12 @@ local function create(key, sid, packed)
     -- The new record is the script's first write: a Redis out of memory refuses it (HSET may
     -- not grow memory there) before anything changed. Deletions first would have let it through,
     -- as Redis lets a script that has already written finish its writes.
-    call('HSET', key, sid, rec)
+    if call('HSET', key, sid, rec) == 0 then
+      -- The session was there: this very command ran before (session ids are 96 random bits;
+      -- a cluster connection sends a command again when its connection dropped before the
+      -- reply). It swept and evicted then; again would evict one more session.
+      return now
+    end
     delete_fields(key, ended)
     -- Evict the oldest until the new session fits under the cap; among sessions created in the
     -- same second, the first id in byte order, as the Rust side sorts them (Lua's `<` on strings

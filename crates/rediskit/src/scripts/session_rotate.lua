@@ -2,8 +2,8 @@
 -- (see session_create.lua for why), big-endian: >I4 presented generation, the presented secret
 -- hash as four >I4 words, >I4 ttl secs, >I4 idle secs, >I4 grace secs; then the rotated
 -- record's first 20 bytes as written (>I4 next generation, c16 next secret hash).
--- A rotation answers the session's record at the next generation (a string: rotated now, or
--- earlier within the grace window), else a status: 0 unknown, 2 ended, 4 reused (the family
+-- A rotation answers the session's record at the next generation (a string: rotated now,
+-- earlier within the grace window, or by this same command sent before), else a status: 0 unknown, 2 ended, 4 reused (the family
 -- was revoked).
 
 -- A rotated record's last_used, expires and rotated: the same for every rotation of the call
@@ -54,8 +54,22 @@ local function rotate(key, sid, packed)
     end
     return new_rec
   end
-  if presented + 1 == gen and grace > 0 and now - rotated <= grace then
-    return rec
+  if presented + 1 == gen then
+    if grace > 0 then
+      if now - rotated <= grace then
+        return rec
+      end
+    else
+      -- Without a grace window each rotation draws a fresh next secret: its hash already
+      -- stored means this very command ran before (a cluster connection sends a command again
+      -- when its connection dropped before the reply), not a second use of the token. Compared
+      -- as above.
+      local n1, n2, n3, n4 = unpack_bytes('>I4I4I4I4', packed, 37)
+      local d1, d2, d3, d4 = h1 - n1, h2 - n2, h3 - n3, h4 - n4
+      if d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 == 0 then
+        return rec
+      end
+    end
   end
   if presented < gen then
     call('HDEL', key, sid)
