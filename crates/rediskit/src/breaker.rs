@@ -69,8 +69,17 @@ impl Admission<'_> {
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         if self.probe && !self.finished {
+            // Open again, so that the next call probes at once (the cool-down is over), unless
+            // the circuit closed meanwhile (the health check's `PING` was answered): a cancelled
+            // call says nothing about Redis. The state first: released first, the flag could let
+            // a new probe in whose half-open state this would then overwrite.
+            let _ = self.breaker.state.compare_exchange(
+                HALF_OPEN,
+                OPEN,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
             self.breaker.probing.store(false, Ordering::Release);
-            self.breaker.state.store(OPEN, Ordering::Release);
         }
     }
 }
@@ -258,6 +267,22 @@ mod tests {
         breaker.admit().unwrap().finish(false);
         drop(breaker.admit().unwrap());
         assert!(breaker.admit().is_ok(), "a new probe is allowed");
+    }
+
+    /// A probe cancelled after the circuit closed by other means (the health check's `PING`
+    /// answered) leaves it closed: calls go through, none fails fast.
+    #[test]
+    fn a_cancelled_probe_leaves_a_closed_circuit_closed() {
+        let breaker = Breaker::new(1, Duration::ZERO);
+        breaker.admit().unwrap().finish(false);
+        let probe = breaker.admit().unwrap();
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        breaker.close();
+        drop(probe);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        let (first, second) = (breaker.admit(), breaker.admit());
+        assert!(first.is_ok() && second.is_ok(), "no call fails fast");
+        assert_eq!(breaker.rejected(), 0);
     }
 
     /// Threshold 0 disables the breaker.
