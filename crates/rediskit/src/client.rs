@@ -173,13 +173,13 @@ struct Inner {
     kind: BackendKind,
     /// The connections; `None` once closed, and for Sentinel until the primary is first found.
     redis: ArcSwapOption<Pool>,
-    /// Serializes looking the primary up through the sentinels.
-    sentinel_lookup: tokio::sync::Mutex<()>,
+    /// A task is looking the primary up through the sentinels for the first time.
+    looking_up: AtomicBool,
     /// A task is following the sentinels to a new primary.
     following: AtomicBool,
-    /// Sentinel lookups finished, so callers queued behind a failed one can tell.
-    lookups: AtomicU64,
-    /// Why the last Sentinel lookup failed, for the callers that queued behind it.
+    /// First lookups finished, so that the callers waiting for one can tell.
+    lookups: tokio::sync::watch::Sender<u64>,
+    /// Why the last first lookup failed, for the callers that waited for it.
     last_lookup_error: std::sync::Mutex<String>,
     memory: Option<MemoryStore>,
     closed: AtomicBool,
@@ -403,7 +403,12 @@ impl Client {
         let client = Self::connect_lazy(config)?;
         if client.inner.kind != BackendKind::Memory {
             let deadline = client.inner.config.connect_timeout;
-            let pool = client.pool().await.map_err(|err| {
+            // The whole first lookup, however long its questions take: at most one to each
+            // sentinel and one to the primary it names, each within the connect timeout.
+            let lookup = deadline
+                .saturating_mul(2 * client.inner.config.sentinel_nodes.len() as u32 + 1)
+                .saturating_add(deadline);
+            let pool = client.pool_within(lookup).await.map_err(|err| {
                 let url = redact_url(&client.inner.config.url);
                 Error::new(
                     err.kind(),
@@ -468,9 +473,9 @@ impl Client {
         let inner = Arc::new(Inner {
             kind,
             redis: ArcSwapOption::new(redis),
-            sentinel_lookup: tokio::sync::Mutex::new(()),
+            looking_up: AtomicBool::new(false),
             following: AtomicBool::new(false),
-            lookups: AtomicU64::new(0),
+            lookups: tokio::sync::watch::Sender::new(0),
             last_lookup_error: std::sync::Mutex::new(String::new()),
             memory,
             closed: AtomicBool::new(false),
@@ -790,10 +795,17 @@ impl Client {
         result
     }
 
-    /// The connections. For Sentinel, the first call asks the sentinels where the primary is
-    /// (bounded by the connect timeout); callers that queued behind a failed lookup share its
-    /// error instead of each asking again.
+    /// The connections; for Sentinel, waiting for the primary's first lookup at most the
+    /// command deadline.
     async fn pool(&self) -> Result<Arc<Pool>> {
+        self.pool_within(self.inner.config.command_timeout).await
+    }
+
+    /// The connections. For Sentinel, until the primary is first found, a lookup through the
+    /// sentinels runs in a task of its own (one at a time): a caller waits for it at most
+    /// `wait`, and gives up then without stopping it, so the next caller may find the pool
+    /// made. A caller whose lookup failed gets its error; the next caller starts another.
+    async fn pool_within(&self, wait: Duration) -> Result<Arc<Pool>> {
         if self.is_closed() {
             return Err(Error::closed());
         }
@@ -803,37 +815,69 @@ impl Client {
         if self.inner.kind != BackendKind::Sentinel {
             return Err(Error::closed());
         }
-        let attempt = self.inner.lookups.load(Ordering::Acquire);
-        let _lookup = self.inner.sentinel_lookup.lock().await;
+        // Subscribed before looking again, so that a lookup ending from here on is seen.
+        let mut finished = self.inner.lookups.subscribe();
         if let Some(pool) = self.inner.redis.load_full() {
             return Ok(pool);
         }
-        if self.inner.lookups.load(Ordering::Acquire) != attempt {
-            let why = match self.inner.last_lookup_error.lock() {
-                Ok(why) => why.clone(),
-                Err(_) => String::new(),
-            };
-            return Err(Error::new(ErrorKind::Unavailable, why));
+        self.look_up_primary();
+        match tokio::time::timeout(wait, finished.changed()).await {
+            Err(_) => Err(Error::timeout(
+                "looking up the primary through the sentinels",
+                wait,
+            )),
+            // The sender lives in `inner`, which `self` holds: `changed` cannot fail.
+            Ok(_) => match self.inner.redis.load_full() {
+                Some(pool) => Ok(pool),
+                None if self.is_closed() => Err(Error::closed()),
+                None => {
+                    let why = match self.inner.last_lookup_error.lock() {
+                        Ok(why) => why.clone(),
+                        Err(_) => String::new(),
+                    };
+                    Err(Error::new(ErrorKind::Unavailable, why))
+                }
+            },
         }
-        let found = find_primary(&self.inner.config).await;
-        if let (Err(err), Ok(mut why)) = (&found, self.inner.last_lookup_error.lock()) {
-            *why = err.message().to_owned();
-        }
-        self.inner.lookups.fetch_add(1, Ordering::AcqRel);
-        let (host, port) = found?;
+    }
+
+    /// Starts the first lookup of the primary through the sentinels, unless one is running:
+    /// it makes the pool, or records why it could not, and then tells the waiting callers.
+    fn look_up_primary(&self) {
+        self.spawn_once(
+            |inner| &inner.looking_up,
+            |weak| async move {
+                let Some(inner) = weak.upgrade() else { return };
+                let client = Client { inner };
+                if let Err(err) = client.first_pool().await
+                    && let Ok(mut why) = client.inner.last_lookup_error.lock()
+                {
+                    *why = err.message().to_owned();
+                }
+                // Cleared before the news: a caller that comes after it must be able to start
+                // the next lookup, not wait for this one's end, which it would never see.
+                client.inner.looking_up.store(false, Ordering::Release);
+                client.inner.lookups.send_modify(|count| *count += 1);
+            },
+        );
+    }
+
+    /// Asks the sentinels where the primary is and stores a pool of connections to it.
+    async fn first_pool(&self) -> Result<()> {
+        let (host, port) = find_primary(&self.inner.config).await?;
         let config = &self.inner.config;
         let info = config.connection_info_at(host.clone(), port)?;
-        let pool = Arc::new(Pool::standalone(
-            config,
-            info,
-            Some((host, port)),
-            &self.inner.batching,
-        )?);
+        let pool = Pool::standalone(config, info, Some((host, port)), &self.inner.batching)?;
+        // Never over another pool: two lookups can overlap by a moment (see `look_up_primary`).
+        self.inner
+            .redis
+            .compare_and_swap(&None::<Arc<Pool>>, Some(Arc::new(pool)));
+        // Closed meanwhile: `close` may have emptied the slot before the store.
         if self.is_closed() {
+            self.inner.redis.store(None);
             return Err(Error::closed());
         }
-        self.inner.redis.store(Some(pool.clone()));
-        Ok(pool)
+        Ok(())
     }
 
     /// After a Sentinel-managed primary failed (or answered `READONLY`, having been demoted): ask

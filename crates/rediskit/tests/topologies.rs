@@ -15,6 +15,7 @@ use futures_util::TryStreamExt;
 use rediskit::{BackendKind, Cache, Client, Config, ErrorKind, Sessions, ttl};
 use rediskit_testkit::RedisServer;
 use rediskit_testkit::cluster::RedisCluster;
+use rediskit_testkit::proxy::FaultProxy;
 use rediskit_testkit::sentinel::SentinelSetup;
 
 const SECRET: &str = "a test secret that is long enough for sessions";
@@ -376,6 +377,57 @@ async fn sentinel_errors_are_clear() {
             "{err}"
         );
     }
+}
+
+/// The first call behind sentinels that accept connections and answer nothing (a partition)
+/// fails at its command deadline, not after the lookup's questions (each up to the connect
+/// timeout) have all timed out. The lookup goes on meanwhile: once the sentinels answer, calls
+/// reach the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_lookup_through_silent_sentinels_keeps_the_command_deadline() {
+    let setup = tokio::task::spawn_blocking(SentinelSetup::start)
+        .await
+        .unwrap();
+    let proxies: Vec<FaultProxy> = setup
+        .sentinel_addrs()
+        .iter()
+        .map(|addr| FaultProxy::start(addr.parse().unwrap()))
+        .collect();
+    for proxy in &proxies {
+        proxy.black_hole();
+    }
+    let config = Config::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .command_timeout(Duration::from_millis(300))
+        .sentinel(
+            proxies.iter().map(|proxy| proxy.addr().to_string()),
+            setup.master_name(),
+        )
+        .build()
+        .unwrap();
+    let cache = Cache::new(&Client::connect_lazy(config).unwrap());
+    // Asking the three silent sentinels takes 3 × 2 s; the call must not wait for that.
+    let err = tokio::time::timeout(Duration::from_secs(4), cache.try_get::<u32>("k"))
+        .await
+        .expect("the call waited for the whole lookup")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+
+    for proxy in &proxies {
+        proxy.pass();
+    }
+    let started = Instant::now();
+    loop {
+        match cache.set("k", &1u32).await {
+            Ok(()) => break,
+            Err(err) if started.elapsed() < Duration::from_secs(20) => {
+                assert!(err.is_unavailable(), "{err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("the primary was never found: {err}"),
+        }
+    }
+    assert_eq!(cache.try_get::<u32>("k").await.unwrap(), Some(1));
 }
 
 /// Sentinels that require a password are asked with the sentinels' own credentials (never the
