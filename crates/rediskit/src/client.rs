@@ -1083,11 +1083,17 @@ impl Client {
 
     /// Low level: writes `value` at `key` (as given, no prefix added, no expiry) only if the key
     /// does not exist (`SET NX`); true if written. The atomic "first one wins" of registrations.
+    ///
+    /// `value` must be unique to the caller (a random token, a record with a salted hash): on a
+    /// Cluster, a command whose connection dropped before its reply is sent again, and the first
+    /// may have run, so a key found holding exactly `value` counts as this call's own write (two
+    /// callers writing identical bytes would both get true).
     pub async fn set_bytes_if_absent(&self, key: &str, value: &[u8]) -> Result<bool> {
         self.set_if_absent(key, value, None).await
     }
 
-    /// `SET key value NX [PX ttl]`: true if written.
+    /// `SET key value NX GET [PX ttl]`: true if written, or if the key already holds exactly
+    /// `value` (see [`Client::set_bytes_if_absent`]).
     pub(crate) async fn set_if_absent(
         &self,
         key: &str,
@@ -1097,18 +1103,27 @@ impl Client {
         if let Some(memory) = self.memory()? {
             return Ok(memory.set_if_absent(key, value.to_vec(), ttl));
         }
-        self.run("SET NX", |mut c| async move {
+        self.run("SET NX GET", |mut c| async move {
             let mut command = redis::cmd("SET");
-            command.arg(key).arg(value).arg("NX");
+            command.arg(key).arg(value).arg("NX").arg("GET");
             if let Some(ttl) = ttl {
                 command.arg("PX").arg(ttl_millis(ttl));
             }
+            // The value that was there: none means written now.
             command
-                .query_async::<Option<String>>(&mut c)
+                .query_async::<Option<Vec<u8>>>(&mut c)
                 .await
-                .map(|reply| reply.is_some())
+                .map(|held| held.is_none_or(|held| held == value))
         })
         .await
+        .or_else(|err| {
+            // `GET` refuses a key of another type, which plain `SET NX` left alone: not written.
+            if err.is_wrong_type() {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        })
     }
 
     /// The configured key prefix, for callers building their own keys beside rediskit's.

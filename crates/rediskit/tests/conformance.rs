@@ -59,6 +59,7 @@ conformance!(
     closed_client_refuses_calls,
     health_reports_the_backend,
     near_cache_namespace_keeps_the_contract,
+    write_if_absent_first_one_wins,
 );
 
 /// A typed value written with `set` reads back equal, for structs, strings and numbers.
@@ -145,6 +146,39 @@ async fn values_expire(client: &Client) {
     assert_eq!(cache.get::<i32>("lasting").await.unwrap(), Some(2));
     let listed: Vec<String> = cache.keys("").try_collect().await.unwrap();
     assert_eq!(listed, vec!["lasting".to_string()]);
+}
+
+/// `set_bytes_if_absent`: the first write wins and others see the key taken; the same bytes
+/// again (the same command, sent again by a cluster connection after a lost reply) count as
+/// the caller's own write; a key of another type is taken, not an error.
+async fn write_if_absent_first_one_wins(client: &Client) {
+    assert!(
+        client
+            .set_bytes_if_absent("rk:claim", b"mine")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !client
+            .set_bytes_if_absent("rk:claim", b"theirs")
+            .await
+            .unwrap()
+    );
+    assert!(
+        client
+            .set_bytes_if_absent("rk:claim", b"mine")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        client.get_bytes("rk:claim").await.unwrap(),
+        Some(b"mine".to_vec())
+    );
+    // A hash, as a session key holds.
+    let sessions = rediskit::Sessions::new(client, "0123456789abcdef0123456789abcdef-x").unwrap();
+    sessions.create("u", "d", None, None).await.unwrap();
+    let hash_key = format!("{}s:{{u}}", client.key_prefix());
+    assert!(!client.set_bytes_if_absent(&hash_key, b"x").await.unwrap());
 }
 
 /// `delete` reports whether the key existed; `exists` follows writes and deletes.

@@ -97,6 +97,43 @@ async fn cluster_cold_keys_are_computed_once_across_clients() {
     assert!(twice.is_empty(), "computed more than once: keys {twice:?}");
 }
 
+/// On a Cluster, a lease bid (`SET … NX`) whose reply is lost with its connection is sent
+/// again by the cluster client and finds the lease taken, by the first run of itself. The
+/// caller recognises its own bid and computes at once, rather than waiting the lease out (30 s
+/// here) as if another process held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_bid_sent_again_is_the_callers_own_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start_with(5000))
+        .await
+        .unwrap();
+    let primary = cluster.primary_for_key("rk:lease:default:cold");
+    let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], primary)));
+    tokio::task::block_in_place(|| cluster.announce_port(primary, proxy.port()));
+    let cache = Cache::builder(&cluster_client(&cluster).await)
+        .lease_ttl(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let computed = AtomicU64::new(0);
+
+    proxy.lose_reply_to(b"\r\nNX\r\n");
+    let value = tokio::time::timeout(
+        Duration::from_secs(10),
+        cache.get_or_set("cold", ttl::MEDIUM, || async {
+            computed.fetch_add(1, Ordering::SeqCst);
+            7u32
+        }),
+    )
+    .await
+    .expect("the caller waited out its own lease")
+    .unwrap();
+    assert_eq!(
+        proxy.mode(),
+        rediskit_testkit::proxy::Mode::Pass,
+        "no reply was lost"
+    );
+    assert_eq!((value, computed.load(Ordering::SeqCst)), (7, 1));
+}
+
 /// Counts what a load loop saw.
 #[derive(Default)]
 struct Tally {
