@@ -7,7 +7,7 @@
 //! hanging, not speed targets. Kill-and-restart is covered in `tests/redis.rs`.
 //!
 //! `default_pool_recovers_from_a_restart_in_bounded_time` and `refused_writes_leave_reads_working`
-//! fail on two breaker bugs described in `docs/reliability.md` ("Known problems").
+//! found two breaker bugs, fixed since (`docs/reliability.md`, "Problems these tests found").
 
 #![allow(clippy::unwrap_used)]
 
