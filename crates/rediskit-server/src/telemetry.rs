@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -50,7 +51,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// responses — once, here, never in the response body.
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -60,10 +61,10 @@ pub async fn track(request: Request, next: Next) -> Response {
     let status = response.status();
     let elapsed = started.elapsed();
     metrics::counter!("http_requests_total",
-        "method" => method.to_string(), "route" => route.clone(), "status" => status.as_u16().to_string())
+        "method" => method, "route" => route.clone(), "status" => status.as_u16().to_string())
     .increment(1);
     metrics::histogram!("http_request_duration_seconds",
-        "method" => method.to_string(), "route" => route.clone())
+        "method" => method, "route" => route.clone())
     .record(elapsed.as_secs_f64());
     if let Some(InternalError(cause)) = response.extensions().get::<InternalError>() {
         if status.is_server_error() {
@@ -73,6 +74,23 @@ pub async fn track(request: Request, next: Next) -> Response {
         }
     }
     response
+}
+
+/// The method as a metric label: the standard ones by name, any other as `OTHER`. A series per
+/// made-up method would let any client grow `/metrics` (and memory) without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 /// `GET /metrics`: the recorder's series plus the library's counters, Prometheus text format.

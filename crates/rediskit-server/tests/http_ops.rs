@@ -213,6 +213,35 @@ async fn concurrent_cold_requests_compute_once() {
     );
 }
 
+/// Made-up HTTP methods are counted under one `method="OTHER"` label: a series per method name
+/// would let any client grow `/metrics`, and the service's memory, without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_share_one_metric_label() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("M{i}X").as_bytes()).unwrap();
+        service
+            .send(service.request(method, "/nowhere"))
+            .await
+            .assert_status(404);
+    }
+
+    let reply = service.get("/metrics").await;
+    reply.assert_status(200);
+    assert!(!reply.text.contains("M3X"), "{}", reply.text);
+    let other = reply
+        .text
+        .lines()
+        .find(|line| {
+            line.starts_with("http_requests_total{")
+                && line.contains(r#"method="OTHER""#)
+                && line.contains(r#"status="404""#)
+        })
+        .unwrap_or_else(|| panic!("no OTHER series in:\n{}", reply.text));
+    assert!(other.ends_with(" 20"), "{other}");
+}
+
 /// The value of an unlabelled series in `/metrics`.
 async fn metric(service: &Service, name: &str) -> f64 {
     let reply = service.get("/metrics").await;
