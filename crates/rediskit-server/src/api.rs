@@ -207,6 +207,9 @@ fn user_error(err: UserError) -> ApiError {
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterBody,
     responses(
         (status = 201, description = "created", body = UserIdBody),
+        (status = 400, description = "malformed JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON (Content-Type)", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 409, description = "username taken", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 422, description = "invalid username or password", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
@@ -229,7 +232,11 @@ pub async fn register(
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginBody,
     responses(
         (status = 200, description = "logged in", body = TokenPair),
+        (status = 400, description = "malformed JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON (Content-Type)", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "wrong username or password", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a missing field or a wrong type", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 429, description = "too many attempts", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
@@ -237,13 +244,15 @@ pub async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     headers: HeaderMap,
-    body: Result<axum::Json<LoginBody>, axum::extract::rejection::JsonRejection>,
+    // `ApiJson`: a body over the limit, with or without a declared length, is read off before
+    // its 413 (answered here, with the RateLimit-* headers, like every other answer).
+    body: Result<ApiJson<LoginBody>, ApiError>,
 ) -> Response {
     // Limited per user name and address; a body without a name is limited per address. A name
     // no account can have shares one budget per address: it would fail anyway, and it is not
     // written into a key as it came (one over the key limit would have made this a 500).
     let username = match &body {
-        Ok(body) if crate::users::check_username(&body.username).is_ok() => {
+        Ok(ApiJson(body)) if crate::users::check_username(&body.username).is_ok() => {
             body.username.to_ascii_lowercase()
         }
         Ok(_) => INVALID_USERNAME.to_owned(),
@@ -257,8 +266,8 @@ pub async fn login(
         return too_many_requests(&decision).into_response();
     }
     let mut response = match body {
-        Ok(axum::Json(body)) => login_inner(&state, body, &headers).await.into_response(),
-        Err(rejection) => crate::error::json_problem(&rejection).into_response(),
+        Ok(ApiJson(body)) => login_inner(&state, body, &headers).await.into_response(),
+        Err(problem) => problem.into_response(),
     };
     response.headers_mut().extend(rate_limit_headers(&decision));
     response
@@ -385,7 +394,11 @@ mod tests {
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshBody,
     responses(
         (status = 200, description = "a new token pair", body = TokenPair),
+        (status = 400, description = "malformed JSON", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 413, description = "body over 64 KiB", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 415, description = "not JSON (Content-Type)", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 401, description = "unknown, expired, revoked or reused refresh token", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 422, description = "a missing field or a wrong type", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
@@ -421,6 +434,7 @@ pub async fn refresh(
     responses(
         (status = 204, description = "logged out"),
         (status = 401, description = "not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
 pub async fn logout(
@@ -441,6 +455,7 @@ pub async fn logout(
     responses(
         (status = 200, description = "sessions ended", body = RevokedBody),
         (status = 401, description = "not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
 pub async fn logout_all(
@@ -461,6 +476,7 @@ pub async fn logout_all(
     responses(
         (status = 200, description = "live sessions", body = SessionsBody),
         (status = 401, description = "not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
 pub async fn sessions(
@@ -495,6 +511,7 @@ pub async fn sessions(
         (status = 204, description = "ended"),
         (status = 401, description = "not authenticated", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 404, description = "no such session of this user", body = ProblemDoc, content_type = "application/problem+json"),
+        (status = 429, description = "too many requests", body = ProblemDoc, content_type = "application/problem+json"),
         (status = 503, description = "Redis unavailable", body = ProblemDoc, content_type = "application/problem+json"),
     ))]
 pub async fn delete_session(

@@ -42,10 +42,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(declared) = declared_over_limit(&request) {
-            linger(request, declared).await;
-            return Err(Problem::new(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE));
-        }
+        let request = within_limit(request).await?;
         match axum::Json::<T>::from_request(request, state).await {
             Ok(axum::Json(value)) => Ok(Self(value)),
             Err(rejection) => Err(json_problem(&rejection)),
@@ -79,22 +76,65 @@ where
     }
 }
 
-/// Middleware: 413 for a request that declares a body over [`BODY_LIMIT`], on routes that read
-/// no body (where no extractor would see it). Bodies sent without a length reach such a route
-/// unread, which costs nothing but the bytes on the wire.
+/// Middleware: 413 for a body over [`BODY_LIMIT`], declared (`Content-Length`) or sent without
+/// a length (chunked), on every route it wraps, including those that read no body (where no
+/// extractor would see it, and the request would run).
 pub async fn refuse_oversized(request: Request, next: axum::middleware::Next) -> Response {
-    if let Some(declared) = declared_over_limit(&request) {
-        linger(request, declared).await;
-        return Problem::new(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE).into_response();
+    match within_limit(request).await {
+        Ok(request) => next.run(request).await,
+        Err(problem) => problem.into_response(),
     }
-    next.run(request).await
+}
+
+/// `request` once its body is known to be within [`BODY_LIMIT`], or the 413 for it (sent after
+/// reading and discarding what [`drain`] allows). A declared length is judged at once (hyper
+/// ends the body there); a body without one is read into memory, up to the limit, and handed on
+/// as read. A body that breaks off is a 400.
+pub async fn within_limit(request: Request) -> Result<Request, ApiError> {
+    use axum::body::HttpBody as _;
+    use futures_util::StreamExt as _;
+    if let Some(declared) = declared_over_limit(&request) {
+        if declared <= LINGER_BYTES {
+            drain(request.into_body().into_data_stream(), LINGER_BYTES).await;
+        }
+        return Err(too_large());
+    }
+    if request
+        .headers()
+        .contains_key(axum::http::header::CONTENT_LENGTH)
+        || request.body().is_end_stream()
+    {
+        return Ok(request);
+    }
+    let (parts, body) = request.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "the request body broke off before its end",
+            ));
+        };
+        if read.len() + chunk.len() > BODY_LIMIT {
+            drain(stream, LINGER_BYTES - read.len() as u64).await;
+            return Err(too_large());
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Request::from_parts(parts, axum::body::Body::from(read)))
+}
+
+/// The 413.
+fn too_large() -> ApiError {
+    Problem::new(StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE)
 }
 
 /// The detail of every 413.
 const TOO_LARGE: &str = "the request body is larger than 64 KiB";
 
-/// How much of a body declared over [`BODY_LIMIT`] is read and discarded before its 413, and
-/// for how long at most (see [`linger`]).
+/// How much of a body over [`BODY_LIMIT`] is read and discarded before its 413, and for how
+/// long at most (see [`drain`]).
 const LINGER_BYTES: u64 = 1024 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -108,18 +148,22 @@ fn declared_over_limit(request: &Request) -> Option<u64> {
         .filter(|&length| length > BODY_LIMIT as u64)
 }
 
-/// Reads and throws away the body of a request about to be refused with 413 — up to
-/// [`LINGER_BYTES`], within [`LINGER_TIME`], nothing kept. A server that answers and closes
-/// while the client is still sending makes the kernel reset the connection, and the client then
-/// often sees the reset instead of the 413 (hyper drains only what it has already buffered).
-/// Larger bodies get the 413 at once and may see a reset.
-async fn linger(request: Request, declared: u64) {
+/// Reads and throws away the rest of a body about to be refused with 413, up to `budget` bytes,
+/// within [`LINGER_TIME`], nothing kept. A server that answers and closes while the client is
+/// still sending makes the kernel reset the connection, and the client then often sees the
+/// reset instead of the 413 (hyper drains only what it has already buffered). Larger bodies get
+/// the 413 once the budget is spent and may see a reset.
+async fn drain(mut body: axum::body::BodyDataStream, budget: u64) {
     use futures_util::StreamExt as _;
-    if declared > LINGER_BYTES {
-        return;
-    }
-    let mut body = request.into_body().into_data_stream();
-    let drain = async { while let Some(Ok(_)) = body.next().await {} };
+    let drain = async {
+        let mut left = budget;
+        while let Some(Ok(chunk)) = body.next().await {
+            left = left.saturating_sub(chunk.len() as u64);
+            if left == 0 {
+                return;
+            }
+        }
+    };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 

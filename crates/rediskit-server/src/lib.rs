@@ -29,7 +29,7 @@ use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{Request, StatusCode};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rediskit::web::{AccessTokens, Auth, Problem, RateLimitLayer};
 use rediskit::{Cache, Client, FailurePolicy, NearCacheConfig, Quota, RateLimiter, Sessions};
@@ -165,6 +165,10 @@ pub fn app(state: AppState) -> Router {
         .route("/auth/logout-all", post(api::logout_all))
         .route("/auth/sessions", get(api::sessions))
         .route("/auth/sessions/{session_id}", delete(api::delete_session))
+        // Any other path under /auth/ is a 404 of the limited routes, with their headers (the
+        // fallback of the merged router lies outside the rate limit).
+        .route("/auth/", any(not_found))
+        .route("/auth/{*rest}", any(not_found))
         // Before the layer, so that a 405 passes through it too and carries the RateLimit-*
         // headers (set after it, on the merged router, it would replace the layered fallback).
         .method_not_allowed_fallback(method_not_allowed)

@@ -225,43 +225,126 @@ async fn a_client_still_sending_an_oversized_body_reads_the_413() {
     // Arrange
     let redis = RedisServer::start();
     let service = Service::start(&redis).await;
-    let url = service.url("/auth/register");
-    let host = url
+    let host = service_host(&service);
+    let length = 8 * BODY_LIMIT;
+    // Login reads its body in its own handler (its limit key holds the user name): the same.
+    for path in ["/auth/register", "/auth/login"] {
+        let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\n\r\n"
+        );
+
+        // Act: the head, then the body in 16 pieces 20 ms apart.
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let piece = vec![b'x'; length / 16];
+        for _ in 0..16 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stream.write_all(&piece).await.unwrap_or_else(|err| {
+                panic!("{path}: the service closed the connection while the body came: {err}")
+            });
+        }
+        // The connection stays open (the body was read, so it can be reused): the status line.
+        let mut answer = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+
+        // Assert
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "{path}: expected a 413, got: {answer}"
+        );
+    }
+}
+
+/// `host:port` of the service, for raw connections.
+fn service_host(service: &Service) -> String {
+    service
+        .url("/")
         .trim_start_matches("http://")
         .split('/')
         .next()
         .unwrap()
-        .to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
-    let length = 8 * BODY_LIMIT;
-    let head = format!(
-        "POST /auth/register HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
-         Content-Length: {length}\r\n\r\n"
-    );
+        .to_owned()
+}
 
-    // Act: the head, then the body in 16 pieces 20 ms apart.
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let piece = vec![b'x'; length / 16];
-    for _ in 0..16 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        stream
-            .write_all(&piece)
-            .await
-            .expect("the service closed the connection while the body was still coming");
+/// Sends `POST path` with `body` in chunked transfer encoding (no declared length), 16 KiB a
+/// chunk, over a raw connection; returns the whole answer as text.
+async fn post_chunked(service: &Service, path: &str, headers: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = service_host(service);
+    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Transfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(16 * 1024) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
     }
-    // The connection stays open (the body was read, so it can be reused): read the status line.
-    let mut answer = vec![0u8; 12];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut answer))
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
         .await
         .expect("no answer within 10 s")
         .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A body sent without a declared length (chunked) is held to 64 KiB too: over it, 413 on
+/// routes that read no body as on those that do, and the request does nothing (the logout does
+/// not happen); within it, the body is read as if its length had been declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_64_kib_is_413_too() {
+    // Arrange
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    service.register("alice", PASSWORD).await;
+    let pair = service.login("alice", PASSWORD).await;
+    let bearer = format!("Authorization: Bearer {}\r\n", pair.access_token);
+    let big = vec![b'x'; BODY_LIMIT + 1];
+    let json = "Content-Type: application/json\r\n";
+    let small = serde_json::to_vec(&json!({"username": "bob", "password": PASSWORD})).unwrap();
+
+    // Act
+    let logout = post_chunked(&service, "/auth/logout", &bearer, &big).await;
+    let register = post_chunked(&service, "/auth/register", json, &big).await;
+    let login = post_chunked(&service, "/auth/login", json, &big).await;
+    let registered = post_chunked(&service, "/auth/register", json, &small).await;
 
     // Assert
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 413"),
-        "expected a 413, got: {answer}"
-    );
+    for (what, answer) in [
+        ("logout", &logout),
+        ("register", &register),
+        ("login", &login),
+    ] {
+        assert!(answer.starts_with("HTTP/1.1 413"), "{what}: {answer}");
+        assert!(answer.contains("ratelimit-limit"), "{what}: {answer}");
+    }
+    service.me(&pair.access_token).await.assert_status(200);
+    assert!(registered.starts_with("HTTP/1.1 201"), "{registered}");
+}
+
+/// A path under /auth/ that is no route is a 404 of the limited routes: with their RateLimit-*
+/// headers, and counted against the address's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_auth_paths_are_limited_404s() {
+    let redis = RedisServer::start();
+    let service = Service::start(&redis).await;
+    for path in ["/auth/x", "/auth/sessions/a/b", "/auth/"] {
+        let reply = service.get(path).await;
+        assert_problem(&reply, 404);
+        reply.integer_header("ratelimit-limit");
+    }
+    // Known routes keep their own answers.
+    assert_problem(&service.get("/auth/login").await, 405);
+    assert_problem(&service.post_json("/auth/refresh", &json!({})).await, 422);
 }
 
 /// Usernames outside 1–64 characters of `A-Z a-z 0-9 _ . @ -` and passwords outside 8–256

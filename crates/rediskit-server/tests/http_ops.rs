@@ -142,6 +142,23 @@ async fn openapi_document_lists_the_api() {
             paths.keys().collect::<Vec<_>>()
         );
     }
+    // Every /auth/ operation is rate limited, and those with a JSON body refuse bad bodies: the
+    // document lists those answers.
+    for (path, operation) in paths.iter().filter(|(path, _)| path.starts_with("/auth/")) {
+        for (method, spec) in operation.as_object().unwrap() {
+            let responses = spec["responses"].as_object().unwrap();
+            let mut expected = vec!["429", "503"];
+            if spec.get("requestBody").is_some() {
+                expected.extend(["400", "413", "415", "422"]);
+            }
+            for status in expected {
+                assert!(
+                    responses.contains_key(status),
+                    "{method} {path} does not list {status}"
+                );
+            }
+        }
+    }
     // The timeframes the handler takes are the ones the document admits, so that a generated
     // client (or a fuzzer) sends only those.
     let timeframe = &paths["/api/business-metrics/{timeframe}"]["get"]["parameters"][0];
