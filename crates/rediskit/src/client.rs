@@ -1987,7 +1987,7 @@ mod tests {
         let first = runtime();
         let client = first.block_on(async {
             let mut config = Config::builder().url(server.url()).build().unwrap();
-            config.health_check_interval = Duration::from_millis(20);
+            config.health_check_interval = Duration::from_millis(100);
             Client::connect(config).await.unwrap()
         });
         assert!(client.inner.checking.load(Ordering::Acquire));

@@ -39,6 +39,14 @@ pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 pub const MAX_CONNECTIONS_LIMIT: usize = 1024;
 /// Upper bound of the timeouts, so a typo cannot make a call wait for hours.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// Highest database number accepted (a URL's path, `REDIS_DB`): Redis's `databases` is far lower
+/// in practice, and a number past this is a typo.
+const MAX_DB: u32 = 1 << 20;
+/// Shortest background health-check interval accepted (other than 0, off): each check pings
+/// every connection.
+const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest background health-check interval accepted.
+const MAX_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(86_400);
 
 /// Which set of variables [`Config::from_env`] reads, and how strict it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -140,7 +148,7 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Deadline for every command. Default: [`DEFAULT_COMMAND_TIMEOUT`].
     pub command_timeout: Duration,
-    /// Interval of the background health `PING`; zero disables it.
+    /// Interval of the background health `PING`: zero disables it, otherwise 100 ms to 1 day.
     /// Default: [`DEFAULT_HEALTH_CHECK_INTERVAL`].
     pub health_check_interval: Duration,
     /// Prefix of every key rediskit writes. Default: [`DEFAULT_KEY_PREFIX`].
@@ -251,14 +259,20 @@ impl fmt::Debug for Config {
 ///
 /// The userinfo runs to the *last* `@`: in a URL that does not parse, a password may hold `/`,
 /// `?` or `#`, and the error message that shows the URL must not show it. (A `@` further on, in a
-/// query, then hides a little more than the password; never less.)
+/// query, then hides a little more than the password; never less: the query's passwords are
+/// hidden first, wherever the userinfo ends.) Text without `://` is no URL to take apart, and
+/// everything before its last `@` is hidden (`redis:/:pw@host`, a slash short).
 pub fn redact_url(url: &str) -> String {
+    let url = redact_query_passwords(url);
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url,
+        };
     };
     let rest = &url[scheme_end + 3..];
     let mut out = format!("{}://", &url[..scheme_end]);
-    let host_on = match rest.rfind('@') {
+    match rest.rfind('@') {
         Some(at) => {
             let userinfo = &rest[..at];
             match userinfo.find(':') {
@@ -267,24 +281,34 @@ pub fn redact_url(url: &str) -> String {
                 // `redis://secret@host` carries a password without a user name.
                 None => out.push_str("***@"),
             }
-            &rest[at + 1..]
+            out.push_str(&rest[at + 1..]);
         }
-        None => rest,
-    };
-    let Some((before, query)) = host_on.split_once('?') else {
-        out.push_str(host_on);
-        return out;
-    };
-    out.push_str(before);
-    out.push('?');
-    let params: Vec<String> = query
-        .split('&')
-        .map(|param| match param.split_once('=') {
-            Some((name, _)) if matches!(name, "pass" | "password") => format!("{name}=***"),
-            _ => param.to_owned(),
-        })
-        .collect();
-    out.push_str(&params.join("&"));
+        None => out.push_str(rest),
+    }
+    out
+}
+
+/// `text` with the value of every `pass=` or `password=` parameter (one that follows a `?` or
+/// an `&`) replaced by `***`, up to the next `&` or `#`.
+fn redact_query_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut parameter = false;
+    for segment in text.split_inclusive(['?', '&']) {
+        let (body, delimiter) = match segment.strip_suffix(['?', '&']) {
+            Some(body) => (body, &segment[body.len()..]),
+            None => (segment, ""),
+        };
+        match body.split_once('=') {
+            Some((name, value)) if parameter && matches!(name, "pass" | "password") => {
+                out.push_str(name);
+                out.push_str("=***");
+                out.push_str(value.find('#').map_or("", |at| &value[at..]));
+            }
+            _ => out.push_str(body),
+        }
+        out.push_str(delimiter);
+        parameter = !delimiter.is_empty();
+    }
     out
 }
 
@@ -428,14 +452,14 @@ impl Config {
                 };
                 let db_var = format!("{prefix}DB");
                 let db = match get(&db_var) {
-                    Some(text) => parse_number::<u32>(&db_var, &text, 0, 1 << 20)?,
+                    Some(text) => parse_number::<u32>(&db_var, &text, 0, MAX_DB.into())?,
                     None => 0,
                 };
                 format!("redis://{host}:{port}/{db}")
             }
         };
 
-        config.username = get("REDIS_USERNAME");
+        config.username = get("REDIS_USERNAME").map(|name| name.trim().to_owned());
         if let Some(username) = &config.username {
             check_username(username)
                 .map_err(|why| Error::config(format!("REDIS_USERNAME: {why}")))?;
@@ -497,6 +521,10 @@ impl Config {
         config
             .check_topology(TopologyNames::VARIABLES)
             .map_err(Error::config)?;
+        config.check_credentials(
+            "REDIS_USERNAME (or REDIS_URL's user name)",
+            "REDIS_SENTINEL_USERNAME",
+        )?;
 
         config
             .validate()
@@ -532,7 +560,39 @@ impl Config {
         if let Some(username) = &self.username {
             check_username(username).map_err(|why| Error::config(format!("username: {why}")))?;
         }
+        let interval = self.health_check_interval;
+        if !interval.is_zero()
+            && !(MIN_HEALTH_CHECK_INTERVAL..=MAX_HEALTH_CHECK_INTERVAL).contains(&interval)
+        {
+            return Err(Error::config(format!(
+                "health_check_interval: must be 0 (off) or between {} ms and {} s, got \
+                 {interval:?}",
+                MIN_HEALTH_CHECK_INTERVAL.as_millis(),
+                MAX_HEALTH_CHECK_INTERVAL.as_secs()
+            )));
+        }
+        self.check_credentials("username (or the URL's user name)", "sentinel_username")?;
         self.check_tls(TlsNames::FIELDS)
+    }
+
+    /// A user name needs a password: Redis's `AUTH` takes both, and redis-rs sends nothing for
+    /// a name alone, so the connection would run as the `default` user without a word. `user`
+    /// and `sentinel_user` are the field or variable names the errors mention.
+    fn check_credentials(&self, user: &str, sentinel_user: &str) -> Result<()> {
+        let alone = "a user name without a password: Redis would not be asked to log in as it, \
+                     and the connection would run as the `default` user";
+        if self.sentinel_username.is_some() && self.sentinel_password.is_none() {
+            return Err(Error::config(format!("{sentinel_user}: {alone}")));
+        }
+        if self.scheme() == Scheme::Memory {
+            return Ok(());
+        }
+        let info = self.connection_info()?;
+        let settings = info.redis_settings();
+        if settings.username().is_some() && settings.password().is_none() {
+            return Err(Error::config(format!("{user}: {alone}")));
+        }
+        Ok(())
     }
 
     /// The TLS files: only with `rediss://`, certificate and key together, each a readable file.
@@ -788,14 +848,23 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
         }
         other => {
             return Err(format!(
-                "unsupported scheme `{other}`; expected redis, rediss, redis+unix or memory"
+                "unsupported scheme `{other}`; expected redis, rediss, redis+unix or memory, in \
+                 lower case"
             ));
         }
     }
     use redis::IntoConnectionInfo;
-    url.into_connection_info()
-        .map(|_| ())
-        .map_err(|err| format!("`{}` is not a valid Redis URL: {err}", redact_url(url)))
+    let info = url
+        .into_connection_info()
+        .map_err(|err| format!("`{}` is not a valid Redis URL: {err}", redact_url(url)))?;
+    let db = info.redis_settings().db();
+    if !(0..=i64::from(MAX_DB)).contains(&db) {
+        return Err(format!(
+            "database {db} of `{}` is not between 0 and {MAX_DB}",
+            redact_url(url)
+        ));
+    }
+    Ok(())
 }
 
 /// Field and variable names of the Cluster and Sentinel settings, for error messages.
@@ -835,6 +904,7 @@ pub(crate) fn parse_node(node: &str) -> std::result::Result<(String, u16), Strin
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if host.is_empty()
+        || host.contains(['[', ']'])
         || host.contains(':') && !node.starts_with('[')
         || host
             .chars()
@@ -1223,6 +1293,26 @@ mod tests {
             ),
             (&[("REDIS_KEY_PREFIX", "has space")], "REDIS_KEY_PREFIX"),
             (&[("REDIS_USERNAME", "two words")], "REDIS_USERNAME"),
+            (&[("REDIS_USERNAME", "app")], "REDIS_USERNAME"),
+            (
+                &[("REDIS_URL", "redis://app@db:6379/0")],
+                "REDIS_URL's user name",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINEL_NODES", "s:26379"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_SENTINEL_USERNAME", "watcher"),
+                ],
+                "REDIS_SENTINEL_USERNAME",
+            ),
+            (&[("REDIS_URL", "redis://db:6379/-1")], "REDIS_URL"),
+            (&[("REDIS_URL", "redis://db:6379/99999999999")], "REDIS_URL"),
+            (&[("REDIS_URL", "REDIS://db:6379/0")], "lower case"),
+            (
+                &[("REDIS_CLUSTER_NODES", "[host:7000")],
+                "REDIS_CLUSTER_NODES",
+            ),
             (&[("DEV_REDIS_HOST", "redis:6380")], "DEV_REDIS_HOST"),
             (
                 &[("REDIS_BREAKER_THRESHOLD", "-1")],
@@ -1356,13 +1446,25 @@ mod tests {
         assert_eq!(redact_url("redis://app:hun/ter2@db"), "redis://app:***@db");
         assert_eq!(redact_url("redis://:p#ss@db/0"), "redis://:***@db/0");
         assert_eq!(redact_url("redis://:p?ss@db/0"), "redis://:***@db/0");
+        // A `@` in the query ends the userinfo there; its password is hidden anyway.
+        let shown = redact_url("redis+unix:///run/redis.sock?user=app@corp&pass=hunter2");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(
+            redact_url("unix:///s?db=1&password=pw#frag"),
+            "unix:///s?db=1&password=***#frag"
+        );
+        // Not a URL (a slash short, or none): all before the last `@` is hidden.
+        assert_eq!(redact_url("redis:/:hunter2@db:6379/0"), "***@db:6379/0");
+        assert_eq!(redact_url("redis//app:hunter2@db"), "***@db");
+        assert_eq!(redact_url("localhost:6379"), "localhost:6379");
         for url in [
             "redis://app:hun/ter2@db",
             "redis://:p#ss@db",
             "redis://app:x@@db:zz",
+            "redis:/:hunter2@db:6379/0",
         ] {
             let err = from(&[("REDIS_URL", url)]).unwrap_err();
-            for secret in ["hun/ter2", "p#ss", "x@"] {
+            for secret in ["hun/ter2", "p#ss", "x@", "hunter2"] {
                 assert!(!err.message().contains(secret), "{err}");
             }
         }
@@ -1579,5 +1681,48 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(config.max_connections, 4);
+    }
+
+    /// Values the builder once let through: a health check every nanosecond (each pings every
+    /// connection), a user name whose password is nowhere, a database number past any server's.
+    #[test]
+    fn the_builder_refuses_what_would_misbehave_later() {
+        let interval = |every| Config::builder().health_check_interval(every).build();
+        assert!(interval(Duration::from_nanos(1)).is_err());
+        assert!(interval(Duration::from_secs(86_401)).is_err());
+        for fine in [
+            Duration::ZERO,
+            Duration::from_millis(100),
+            Duration::from_secs(86_400),
+        ] {
+            assert!(interval(fine).is_ok(), "{fine:?}");
+        }
+
+        let err = Config::builder().username("app").build().unwrap_err();
+        assert!(err.message().contains("without a password"), "{err}");
+        assert!(
+            Config::builder()
+                .username("app")
+                .password("pw")
+                .build()
+                .is_ok()
+        );
+        // The password may come from the URL.
+        let url = Config::builder()
+            .url("redis://:pw@db:6379/0")
+            .username("app")
+            .build();
+        assert!(url.is_ok());
+
+        let err = Config::builder().url("redis://db/-3").build().unwrap_err();
+        assert!(err.message().contains("database -3"), "{err}");
+        assert!(Config::builder().url("redis://db/15").build().is_ok());
+    }
+
+    /// `REDIS_USERNAME` is trimmed like the other variables (a secret file's newline).
+    #[test]
+    fn the_username_variable_is_trimmed() {
+        let config = from(&[("REDIS_USERNAME", "app\n"), ("REDIS_PASSWORD", "pw")]).unwrap();
+        assert_eq!(config.username.as_deref(), Some("app"));
     }
 }
