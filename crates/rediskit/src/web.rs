@@ -344,7 +344,7 @@ pub enum AuthRejection {
     Missing,
     /// The token is invalid, expired, or its session has ended.
     Invalid(Error),
-    /// Redis could not confirm the session.
+    /// Redis could not confirm the session: unavailable, or it answered an error.
     Unavailable(Error),
 }
 
@@ -391,8 +391,21 @@ where
         let auth = Auth::from_ref(state);
         match auth.authenticate(token).await {
             Ok(claims) => Ok(Self { claims }),
-            Err(err) if err.is_unavailable() => Err(AuthRejection::Unavailable(err)),
-            Err(err) => Err(AuthRejection::Invalid(err)),
+            // What says the token is no good. Anything else (Redis answering an error such as
+            // `NOPERM` after an ACL change) means the session could not be checked: 401 would
+            // tell every client to throw its tokens away for a fault of the server's.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    ErrorKind::NotFound
+                        | ErrorKind::Expired
+                        | ErrorKind::InvalidInput
+                        | ErrorKind::Reused
+                ) =>
+            {
+                Err(AuthRejection::Invalid(err))
+            }
+            Err(err) => Err(AuthRejection::Unavailable(err)),
         }
     }
 }
@@ -536,13 +549,24 @@ pub fn client_address_of(
             .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse().ok())
+            .and_then(forwarded_address)
     {
         return Some(ip);
     }
     extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
+}
+
+/// The address of an `X-Forwarded-For` entry: `203.0.113.5`, `2001:db8::1`, or with the port
+/// some load balancers append, `203.0.113.5:41234` and `[2001:db8::1]:41234`.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 /// A tower layer limiting requests per client address with a [`RateLimiter`], adding the

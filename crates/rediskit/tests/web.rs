@@ -233,6 +233,40 @@ async fn unavailable_store_is_503() {
     assert_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
 }
 
+/// Redis answering an error to the session check (here `WRONGTYPE`; after an ACL change,
+/// `NOPERM`) is the store failing, not the token: 503, never a 401 that tells the client to
+/// throw its tokens away.
+#[tokio::test]
+async fn a_redis_error_in_the_session_check_is_503_not_401() {
+    let server = rediskit_testkit::RedisServer::start();
+    let client = Client::connect(Config::builder().url(server.url()).build().unwrap())
+        .await
+        .unwrap();
+    let auth = Auth::new(
+        AccessTokens::new(SECRET).unwrap(),
+        Sessions::new(&client, SECRET).unwrap(),
+    );
+    let state = AppState { client, auth };
+    let app = Router::new()
+        .route("/me", get(me))
+        .with_state(state.clone());
+    let issued = live_session(&state).await;
+    let token = state.auth.tokens.issue(&issued.session, "alice").unwrap();
+    assert_eq!(
+        call(&app, "/me", Some(&token)).await.status(),
+        StatusCode::OK
+    );
+
+    let _: () = redis::cmd("SET")
+        .arg("rk:s:{user-1}")
+        .arg("not a hash")
+        .query(&mut server.admin())
+        .unwrap();
+    let response = call(&app, "/me", Some(&token)).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+}
+
 /// The health router: liveness always, Redis health with the contract's fields, 503 when down.
 #[tokio::test]
 async fn health_router_reports() {
@@ -411,4 +445,17 @@ async fn forwarded_for_is_the_entry_the_proxy_appended() {
     );
     // Another address seen by the proxy has its own budget.
     assert_eq!(status(&["203.0.113.5, 10.0.0.2"]).await, StatusCode::OK);
+    // With the port some load balancers append, the address is the client's still: not the
+    // proxy's own, which every such request would share.
+    assert_eq!(status(&["10.0.0.3:41234"]).await, StatusCode::OK);
+    assert_eq!(
+        status(&["10.0.0.3:50000"]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(status(&["[2001:db8::1]:41234"]).await, StatusCode::OK);
+    assert_eq!(
+        status(&["[2001:db8::1]"]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(status(&["10.0.0.4:1"]).await, StatusCode::OK);
 }
