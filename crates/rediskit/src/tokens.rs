@@ -32,8 +32,10 @@
 //! One repeat is not reuse: the same rotation *command* arriving twice. A cluster connection
 //! that loses its connection with a command in flight sends the command again, and the first
 //! may have run. The script tells it apart by the new secret's hash it carries: already stored,
-//! it is the same call (a fresh secret per call without a grace window; within the window,
-//! repeats are answered alike anyway), and it gets the rotated session as the first did.
+//! it is the same call (a fresh secret per call without a grace window), and it gets the rotated
+//! session as the first did. With a grace window, a repeat within the window is answered like
+//! any refresh in it, and one after it is reuse, as before. Instances sharing sessions must
+//! share the grace setting: a token rotated without a window is not recognised by one with.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1866,10 +1868,25 @@ mod tests {
             matches!(&first, redis::Value::Array(reply) if reply.get(1) == Some(&redis::Value::Int(1))),
             "one evicted: {first:?}"
         );
+        // The key's expiry shortened in between, as if the first run's bound were a step lower
+        // than the second's: the record the second run writes must still be covered.
+        redis::cmd("EXPIRE")
+            .arg(key)
+            .arg(5)
+            .exec(&mut server.admin())
+            .unwrap();
         let again = create();
         assert!(
             matches!(again, redis::Value::Int(_)),
             "none evicted: {again:?}"
+        );
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(key)
+            .query(&mut server.admin())
+            .unwrap();
+        assert!(
+            ttl >= 3600,
+            "the key outlives the session sent again: {ttl} s"
         );
         let mut fields: Vec<String> = redis::cmd("HKEYS")
             .arg(key)

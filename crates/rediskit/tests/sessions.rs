@@ -965,6 +965,8 @@ async fn a_command_sent_again_after_a_lost_reply_is_not_reuse_on_a_cluster() {
     tokio::task::block_in_place(|| cluster.announce_port(primary, proxy.port()));
     let mut config = common::config("redis://127.0.0.1:1/0");
     config.cluster_nodes = cluster.seeds();
+    // Room for noticing the drop, reconnecting and sending again on a loaded machine.
+    config.command_timeout = Duration::from_secs(3);
     let client = Client::connect(config).await.unwrap();
     // Loaded first: a lost `NOSCRIPT` reply would be a script that did not run.
     client.load_scripts().await.unwrap();

@@ -109,7 +109,11 @@ async fn a_lease_bid_sent_again_is_the_callers_own_on_a_cluster() {
     let primary = cluster.primary_for_key("rk:lease:default:cold");
     let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], primary)));
     tokio::task::block_in_place(|| cluster.announce_port(primary, proxy.port()));
-    let cache = Cache::builder(&cluster_client(&cluster).await)
+    let mut config = common::config("redis://127.0.0.1:1/0");
+    config.cluster_nodes = cluster.seeds();
+    // Room for noticing the drop, reconnecting and sending again on a loaded machine.
+    config.command_timeout = Duration::from_secs(3);
+    let cache = Cache::builder(&Client::connect(config).await.unwrap())
         .lease_ttl(Duration::from_secs(30))
         .build()
         .unwrap();

@@ -52,7 +52,9 @@ local function create(key, sid, packed)
     if call('HSET', key, sid, rec) == 0 then
       -- The session was there: this very command ran before (session ids are 96 random bits;
       -- a cluster connection sends a command again when its connection dropped before the
-      -- reply). It swept and evicted then; again would evict one more session.
+      -- reply). It swept and evicted then; again would evict one more session. The record
+      -- just written holds this run's times, which the key must outlive.
+      extend(key, bound)
       return now
     end
     delete_fields(key, ended)
