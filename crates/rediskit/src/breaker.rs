@@ -46,6 +46,10 @@ pub(crate) struct Breaker {
     /// Milliseconds since `epoch` at which an open circuit lets a probe through.
     open_until_ms: AtomicU64,
     probing: AtomicBool,
+    /// Moves on at every probe admitted and every close: a probe whose number is no longer the
+    /// current one (the circuit closed while it ran, and maybe a new probe started) must leave
+    /// the state and the probe slot to what came after it.
+    probe_epoch: AtomicU64,
     trips: AtomicU64,
     rejected: AtomicU64,
 }
@@ -55,6 +59,8 @@ pub(crate) struct Breaker {
 pub(crate) struct Admission<'a> {
     breaker: &'a Breaker,
     probe: bool,
+    /// The breaker's `probe_epoch` when this probe was admitted.
+    epoch: u64,
     finished: bool,
 }
 
@@ -62,13 +68,18 @@ impl Admission<'_> {
     /// Records whether the call found Redis available; true if this opened the circuit.
     pub(crate) fn finish(mut self, available: bool) -> bool {
         self.finished = true;
-        self.breaker.record(available, self.probe)
+        // A probe outlived by a close counts as an ordinary call.
+        self.breaker.record(available, self.is_current_probe())
+    }
+
+    fn is_current_probe(&self) -> bool {
+        self.probe && self.breaker.probe_epoch.load(Ordering::Acquire) == self.epoch
     }
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        if self.probe && !self.finished {
+        if !self.finished && self.is_current_probe() {
             // Open again, so that the next call probes at once (the cool-down is over), unless
             // the circuit closed meanwhile (the health check's `PING` was answered): a cancelled
             // call says nothing about Redis. The state first: released first, the flag could let
@@ -94,6 +105,7 @@ impl Breaker {
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            probe_epoch: AtomicU64::new(0),
             trips: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
         }
@@ -124,10 +136,10 @@ impl Breaker {
     /// Lets a call through, or refuses it (fail fast) with the time left of the cool-down.
     pub(crate) fn admit(&self) -> Result<Admission<'_>, Duration> {
         if self.threshold == 0 {
-            return Ok(self.admission(false));
+            return Ok(self.admission());
         }
         match self.state.load(Ordering::Acquire) {
-            CLOSED => Ok(self.admission(false)),
+            CLOSED => Ok(self.admission()),
             _ => {
                 let now = self.now_ms();
                 let until = self.open_until_ms.load(Ordering::Acquire);
@@ -137,8 +149,14 @@ impl Breaker {
                         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                 {
+                    let epoch = self.probe_epoch.fetch_add(1, Ordering::AcqRel) + 1;
                     self.state.store(HALF_OPEN, Ordering::Release);
-                    return Ok(self.admission(true));
+                    return Ok(Admission {
+                        breaker: self,
+                        probe: true,
+                        epoch,
+                        finished: false,
+                    });
                 }
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 Err(Duration::from_millis(until.saturating_sub(now)))
@@ -146,16 +164,20 @@ impl Breaker {
         }
     }
 
-    fn admission(&self, probe: bool) -> Admission<'_> {
+    /// Permission for an ordinary call (not a probe).
+    fn admission(&self) -> Admission<'_> {
         Admission {
             breaker: self,
-            probe,
+            probe: false,
+            epoch: 0,
             finished: false,
         }
     }
 
     /// Closes the circuit (Redis answered); idempotent.
     pub(crate) fn close(&self) {
+        // Any probe under way is outlived: its outcome no longer decides.
+        self.probe_epoch.fetch_add(1, Ordering::AcqRel);
         self.failures.store(0, Ordering::Relaxed);
         if self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED {
             tracing::info!("redis circuit breaker closed: Redis answers again");
@@ -283,6 +305,24 @@ mod tests {
         let (first, second) = (breaker.admit(), breaker.admit());
         assert!(first.is_ok() && second.is_ok(), "no call fails fast");
         assert_eq!(breaker.rejected(), 0);
+    }
+
+    /// A probe that outlived a close, a new opening and a new probe neither reopens over the
+    /// new probe nor frees its slot: one probe at a time still.
+    #[test]
+    fn an_outlived_probe_leaves_the_next_one_alone() {
+        let breaker = Breaker::new(1, Duration::ZERO);
+        breaker.admit().unwrap().finish(false);
+        let old = breaker.admit().unwrap();
+        breaker.close();
+        breaker.admit().unwrap().finish(false);
+        let new = breaker.admit().unwrap();
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        drop(old);
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        assert!(breaker.admit().is_err(), "one probe at a time");
+        assert!(!new.finish(true));
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 
     /// Threshold 0 disables the breaker.
