@@ -89,7 +89,8 @@ pub async fn refuse_oversized(request: Request, next: axum::middleware::Next) ->
 /// `request` once its body is known to be within [`BODY_LIMIT`], or the 413 for it (sent after
 /// reading and discarding what [`drain`] allows). A declared length is judged at once (hyper
 /// ends the body there); a body without one is read into memory, up to the limit, and handed on
-/// as read. A body that breaks off is a 400.
+/// as read, with its length declared. A body that breaks off is a 400; one that takes longer
+/// than [`BODY_TIME`] to arrive, a 408.
 pub async fn within_limit(request: Request) -> Result<Request, ApiError> {
     use axum::body::HttpBody as _;
     use futures_util::StreamExt as _;
@@ -106,24 +107,51 @@ pub async fn within_limit(request: Request) -> Result<Request, ApiError> {
     {
         return Ok(request);
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let mut stream = body.into_data_stream();
     let mut read = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return Err(Problem::new(
-                StatusCode::BAD_REQUEST,
-                "the request body broke off before its end",
-            ));
-        };
-        if read.len() + chunk.len() > BODY_LIMIT {
-            drain(stream, LINGER_BYTES - read.len() as u64).await;
-            return Err(too_large());
+    let reading = async {
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "the request body broke off before its end",
+                ));
+            };
+            if read.len() + chunk.len() > BODY_LIMIT {
+                return Err(too_large());
+            }
+            read.extend_from_slice(&chunk);
         }
-        read.extend_from_slice(&chunk);
+        Ok(())
+    };
+    match tokio::time::timeout(BODY_TIME, reading).await {
+        Ok(Ok(())) => {}
+        Ok(Err(problem)) => {
+            if problem.status == StatusCode::PAYLOAD_TOO_LARGE.as_u16() {
+                drain(stream, LINGER_BYTES - read.len() as u64).await;
+            }
+            return Err(problem);
+        }
+        Err(_) => {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            ));
+        }
     }
+    // Declared now, as if the client had: what reads it next need not buffer it again.
+    parts.headers.remove(axum::http::header::TRANSFER_ENCODING);
+    parts
+        .headers
+        .insert(axum::http::header::CONTENT_LENGTH, read.len().into());
     Ok(Request::from_parts(parts, axum::body::Body::from(read)))
 }
+
+/// How long a body sent without a declared length may take to arrive: 64 KiB in 30 s is a
+/// client at ~2 KiB/s. Without a bound, a client that sends one chunk and stops would hold its
+/// request (and the server's graceful stop) for ever.
+const BODY_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The 413.
 fn too_large() -> ApiError {
@@ -184,5 +212,48 @@ pub fn json_problem(rejection: &JsonRejection) -> ApiError {
 impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{Body, Bytes};
+    use axum::http::header::CONTENT_LENGTH;
+    use futures_util::StreamExt as _;
+
+    use super::*;
+
+    fn chunked(chunks: &'static [&'static [u8]], then_stall: bool) -> Request {
+        let sent = futures_util::stream::iter(
+            chunks
+                .iter()
+                .map(|chunk| Ok::<_, std::io::Error>(Bytes::from_static(chunk))),
+        );
+        let body = if then_stall {
+            Body::from_stream(sent.chain(futures_util::stream::pending()))
+        } else {
+            Body::from_stream(sent)
+        };
+        Request::post("/x").body(body).unwrap()
+    }
+
+    /// A body without a length that stops coming is a 408 once [`BODY_TIME`] has passed, not a
+    /// request held for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_without_a_length_is_408() {
+        let err = within_limit(chunked(&[b"{"], true)).await.unwrap_err();
+        assert_eq!(err.status, 408);
+    }
+
+    /// A body without a length within the limit is handed on whole, its length declared, so
+    /// that what reads it next need not buffer it again.
+    #[tokio::test]
+    async fn a_body_without_a_length_is_declared_once_read() {
+        let request = within_limit(chunked(&[b"ab", b"cd"], false)).await.unwrap();
+        assert_eq!(request.headers()[CONTENT_LENGTH], "4");
+        let bytes = axum::body::to_bytes(request.into_body(), 100)
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..], b"abcd");
     }
 }

@@ -604,8 +604,8 @@ impl Client {
         WeakClient(Arc::downgrade(&self.inner))
     }
 
-    /// For Sentinel: the id and address of the pool's primary now, asking the sentinels first if
-    /// no primary is known yet (bounded by the connect timeout).
+    /// For Sentinel: the id and address of the pool's primary now, waiting (at most the command
+    /// deadline) for the sentinels to be asked if no primary is known yet.
     pub(crate) async fn current_primary(&self) -> Result<(u64, (String, u16))> {
         let pool = self.pool().await?;
         let address = pool.address.clone().ok_or_else(|| {
