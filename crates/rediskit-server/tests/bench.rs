@@ -287,6 +287,32 @@ fn script_rows_show_operations_per_script_call() {
     }
 }
 
+/// `cache_get_or_set` misses a tenth of the run however few operations each task has (here
+/// fewer than one): each miss computes and stores its value, a `SET` beyond the preload's
+/// 10,000.
+#[test]
+fn get_or_set_misses_a_tenth_even_with_more_tasks_than_operations() {
+    let server = RedisServer::start();
+    let ops = 200;
+
+    let output = bench(&[
+        "--url",
+        &server.url(),
+        "--ops",
+        &ops.to_string(),
+        "--concurrency",
+        "256",
+        "--workloads",
+        "cache_get_or_set",
+        "--json",
+    ]);
+
+    assert!(output.status.success(), "{output:?}");
+    let stores = command_calls(&server, "set") - 10_000;
+    assert!(stores >= ops / 10, "{stores} SETs after the preload");
+    assert_eq!(dbsize(&server), 0);
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
