@@ -222,8 +222,12 @@ fn check(args: &BenchArgs) -> Result<(), String> {
             args.connections
         ));
     }
-    if args.value_size > 16 << 20 {
-        return Err("--value-size: at most 16 MiB".into());
+    if args.value_size > workload::MAX_VALUE_SIZE {
+        return Err(format!(
+            "--value-size: at most {} bytes (the cache workloads preload {} values)",
+            workload::MAX_VALUE_SIZE,
+            workload::KEY_SPACE
+        ));
     }
     if args.url.starts_with("memory:") {
         return Err("--url: the benchmark needs a real Redis (redis:// or rediss://)".into());

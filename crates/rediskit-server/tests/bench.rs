@@ -202,12 +202,17 @@ fn selected_workloads_only() {
         "--json",
     ]);
     let refused = bench(&["--url", &server.url(), "--workloads", "cache_gets"]);
+    // Past what the preload of 10,000 values can hold: said before anything runs.
+    let too_large = bench(&["--url", &server.url(), "--value-size", "200000"]);
 
     assert!(output.status.success(), "{output:?}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let names: Vec<&String> = report.as_object().unwrap().keys().collect();
     assert_eq!(names, ["cache_get", "raw_get"]);
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert_eq!(too_large.status.code(), Some(2), "{too_large:?}");
+    let said = String::from_utf8_lossy(&too_large.stderr);
+    assert!(said.contains("--value-size"), "{said}");
     assert_eq!(dbsize(&server), 0);
 }
 
