@@ -45,7 +45,12 @@ async fn me(user: Authenticated) -> String {
 }
 
 async fn setup() -> (Router, AppState) {
-    let client = Client::connect(Config::builder().url("memory://").build().unwrap())
+    setup_on("memory://").await
+}
+
+/// [`setup`] on the store at `url`.
+async fn setup_on(url: &str) -> (Router, AppState) {
+    let client = Client::connect(Config::builder().url(url).build().unwrap())
         .await
         .unwrap();
     let auth = Auth::new(
@@ -239,17 +244,7 @@ async fn unavailable_store_is_503() {
 #[tokio::test]
 async fn a_redis_error_in_the_session_check_is_503_not_401() {
     let server = rediskit_testkit::RedisServer::start();
-    let client = Client::connect(Config::builder().url(server.url()).build().unwrap())
-        .await
-        .unwrap();
-    let auth = Auth::new(
-        AccessTokens::new(SECRET).unwrap(),
-        Sessions::new(&client, SECRET).unwrap(),
-    );
-    let state = AppState { client, auth };
-    let app = Router::new()
-        .route("/me", get(me))
-        .with_state(state.clone());
+    let (app, state) = setup_on(&server.url()).await;
     let issued = live_session(&state).await;
     let token = state.auth.tokens.issue(&issued.session, "alice").unwrap();
     assert_eq!(
