@@ -353,13 +353,17 @@ async fn measure(
         }
     }
     let elapsed = finished - started;
-    // `near_get` measures the near-cache: a read that went to Redis instead (the tracking
-    // connection lost, an entry evicted) did not do what the workload times.
+    // `near_get` measures the near-cache: a read that went to Redis instead (the near-cache
+    // flushed when its tracking connection stalled, an entry evicted) is not what the workload
+    // times. Said, so that a reader knows the figures mix both; not an error, as the read did
+    // answer.
     if let (Some(before), Some(after)) = (near_hits_before, prepared.near_hits()) {
         let missed = (ops - errors).saturating_sub(after - before);
         if missed > 0 {
-            errors += missed;
-            first_error.get_or_insert(format!("{missed} reads went to Redis, not the near-cache"));
+            eprintln!(
+                "rediskit bench: {name} ×{concurrency}: {missed} of {ops} reads went to Redis, \
+                 not the near-cache; its figures mix both"
+            );
         }
     }
     let client_cpu = process_cpu()

@@ -1884,8 +1884,9 @@ mod tests {
             .arg(key)
             .query(&mut server.admin())
             .unwrap();
+        // About the session's hour (less what the clock moved since), not the 5 s set.
         assert!(
-            ttl >= 3600,
+            ttl > 3500,
             "the key outlives the session sent again: {ttl} s"
         );
         let mut fields: Vec<String> = redis::cmd("HKEYS")
